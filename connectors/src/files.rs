@@ -1,0 +1,468 @@
+//! The files source: every `*.csv`, `*.jsonl` or `*.json` below a landing folder, at any
+//! depth, read as text columns with the file and line each row came from.
+//!
+//! Parsing is lenient by design: a record that does not parse (a CSV line with the wrong
+//! number of fields, bytes that are not UTF-8, a JSON document that is not one) becomes a
+//! row whose data columns are null and whose `_corrupt_record` holds the raw text, so that a
+//! quality rule quarantines it with its file instead of the run failing or dropping it.
+//! Only a file that cannot be fetched at all is an error.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Builder, StringBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt as _};
+use object_store::path::Path;
+use url::Url;
+
+use crate::error::ConnectorError;
+
+/// Column holding the location of the file a row came from.
+pub const SOURCE_FILE: &str = "_source_file";
+/// Column holding the 1-based line where a row starts in its file (for JSON documents, the
+/// ordinal of the exploded entry).
+pub const SOURCE_LINE: &str = "_source_line";
+/// Column holding the raw text of a record that did not parse; null for good records.
+pub const CORRUPT_RECORD: &str = "_corrupt_record";
+/// Data column of a JSON-lines source: the message text as received.
+pub const JSON_LINE_VALUE: &str = "value";
+
+const BATCH_ROWS: usize = 64 * 1024;
+
+/// How landed files are laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileFormat {
+    /// RFC 4180 CSV with a header row; columns are matched to the header by name.
+    Csv,
+    /// One message per line; blank lines are not messages.
+    JsonLines,
+    /// One JSON document per file, optionally exploded to one row per entry of an object.
+    JsonDocument { explode: Option<Explode> },
+}
+
+impl FileFormat {
+    /// File name endings read by default.
+    pub fn default_extensions(&self) -> &'static [&'static str] {
+        match self {
+            FileFormat::Csv => &["csv"],
+            FileFormat::JsonLines => &["jsonl"],
+            FileFormat::JsonDocument { .. } => &["json"],
+        }
+    }
+}
+
+/// Explodes the object at `field` of a JSON document into rows of (`key`, `value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explode {
+    pub field: String,
+    pub key_column: String,
+    pub value_column: String,
+}
+
+/// One landed file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LandedFile {
+    /// Full location (`file:///…`, `s3://…`); also what `_source_file` holds.
+    pub location: String,
+    pub path: Path,
+    pub size: u64,
+}
+
+/// A folder of landed files of one format.
+#[derive(Debug, Clone)]
+pub struct FilesSource {
+    root: Url,
+    format: FileFormat,
+    columns: Vec<String>,
+    extensions: Vec<String>,
+}
+
+impl FilesSource {
+    /// `columns` are the data columns to read: CSV header names, or a JSON document's
+    /// top-level fields kept beside an exploded object. A JSON-lines source always yields the
+    /// single column `value`.
+    pub fn new(root: Url, format: FileFormat, columns: Vec<String>) -> Self {
+        let extensions = format.default_extensions().iter().map(|s| (*s).to_string()).collect();
+        Self {
+            root,
+            format,
+            columns,
+            extensions,
+        }
+    }
+
+    pub fn with_extensions(mut self, extensions: Vec<String>) -> Self {
+        if !extensions.is_empty() {
+            self.extensions = extensions;
+        }
+        self
+    }
+
+    pub fn root(&self) -> &Url {
+        &self.root
+    }
+
+    /// Data column names, in output order.
+    pub fn data_columns(&self) -> Vec<String> {
+        match &self.format {
+            FileFormat::Csv => self.columns.clone(),
+            FileFormat::JsonLines => vec![JSON_LINE_VALUE.to_string()],
+            FileFormat::JsonDocument { explode } => {
+                let mut cols = self.columns.clone();
+                if let Some(e) = explode {
+                    cols.push(e.key_column.clone());
+                    cols.push(e.value_column.clone());
+                }
+                cols
+            }
+        }
+    }
+
+    /// The schema of every batch [`FilesSource::read`] returns.
+    pub fn schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = self
+            .data_columns()
+            .into_iter()
+            .map(|c| Field::new(c, DataType::Utf8, true))
+            .collect();
+        fields.push(Field::new(CORRUPT_RECORD, DataType::Utf8, true));
+        fields.push(Field::new(SOURCE_FILE, DataType::Utf8, false));
+        fields.push(Field::new(SOURCE_LINE, DataType::Int64, false));
+        Arc::new(Schema::new(fields))
+    }
+
+    fn store(&self) -> Result<(Arc<dyn ObjectStore>, Path), ConnectorError> {
+        Ok(medallion_engine::location::object_store_for(&self.root)?)
+    }
+
+    /// Every matching file below the root, in order of location. A root that does not exist
+    /// yet holds no files.
+    pub async fn list(&self) -> Result<Vec<LandedFile>, ConnectorError> {
+        let (store, prefix) = self.store()?;
+        let listed: Vec<_> = match store.list(Some(&prefix)).try_collect().await {
+            Ok(v) => v,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(source) => {
+                return Err(ConnectorError::ListFailed {
+                    location: self.root.to_string(),
+                    source,
+                });
+            }
+        };
+        let prefix_str = prefix.as_ref();
+        let mut files: Vec<LandedFile> = listed
+            .into_iter()
+            .filter(|m| {
+                m.location
+                    .extension()
+                    .is_some_and(|ext| self.extensions.iter().any(|e| e == ext))
+            })
+            .filter_map(|m| {
+                let rel = m.location.as_ref().strip_prefix(prefix_str)?.trim_start_matches('/').to_string();
+                let location = self.root.join(&rel).ok()?.to_string();
+                Some(LandedFile {
+                    location,
+                    path: m.location,
+                    size: m.size,
+                })
+            })
+            .collect();
+        files.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(files)
+    }
+
+    /// Reads and parses one file. Parsing runs on a blocking thread.
+    pub async fn read(&self, file: &LandedFile) -> Result<Vec<RecordBatch>, ConnectorError> {
+        let (store, _) = self.store()?;
+        let unreadable = |source| ConnectorError::Unreadable {
+            file: file.location.clone(),
+            source,
+        };
+        let bytes = store
+            .get(&file.path)
+            .await
+            .map_err(unreadable)?
+            .bytes()
+            .await
+            .map_err(unreadable)?;
+        let this = self.clone();
+        let location = file.location.clone();
+        let parsed = tokio::task::spawn_blocking(move || this.parse(&bytes, &location)).await;
+        match parsed {
+            Ok(result) => result,
+            Err(join) => Err(ConnectorError::StateStore {
+                store: "parser".into(),
+                reason: join.to_string(),
+            }),
+        }
+    }
+
+    /// Parses the bytes of one file located at `location`.
+    pub fn parse(&self, bytes: &[u8], location: &str) -> Result<Vec<RecordBatch>, ConnectorError> {
+        let mut rows = RowsBuilder::new(self.schema(), location);
+        match &self.format {
+            FileFormat::Csv => parse_csv(bytes, &self.columns, &mut rows)?,
+            FileFormat::JsonLines => parse_json_lines(bytes, &mut rows)?,
+            FileFormat::JsonDocument { explode } => parse_json_document(bytes, &self.columns, explode.as_ref(), &mut rows)?,
+        }
+        rows.finish()
+    }
+}
+
+/// Accumulates rows of text columns plus provenance, cutting a batch every `BATCH_ROWS`.
+struct RowsBuilder {
+    schema: SchemaRef,
+    location: String,
+    data: Vec<StringBuilder>,
+    corrupt: StringBuilder,
+    lines: Int64Builder,
+    len: usize,
+    done: Vec<RecordBatch>,
+}
+
+impl RowsBuilder {
+    fn new(schema: SchemaRef, location: &str) -> Self {
+        let n = schema.fields().len() - 3;
+        Self {
+            schema,
+            location: location.to_string(),
+            data: (0..n).map(|_| StringBuilder::new()).collect(),
+            corrupt: StringBuilder::new(),
+            lines: Int64Builder::new(),
+            len: 0,
+            done: Vec::new(),
+        }
+    }
+
+    fn push<'a>(&mut self, values: impl IntoIterator<Item = Option<&'a str>>, line: u64) -> Result<(), ConnectorError> {
+        for (builder, value) in self.data.iter_mut().zip(values) {
+            builder.append_option(value);
+        }
+        self.corrupt.append_null();
+        self.end_row(line)
+    }
+
+    fn push_corrupt(&mut self, raw: &[u8], line: u64) -> Result<(), ConnectorError> {
+        for builder in &mut self.data {
+            builder.append_null();
+        }
+        self.corrupt.append_value(String::from_utf8_lossy(raw));
+        self.end_row(line)
+    }
+
+    fn end_row(&mut self, line: u64) -> Result<(), ConnectorError> {
+        self.lines.append_value(i64::try_from(line).unwrap_or(i64::MAX));
+        self.len += 1;
+        if self.len >= BATCH_ROWS {
+            self.cut()?;
+        }
+        Ok(())
+    }
+
+    fn cut(&mut self) -> Result<(), ConnectorError> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let mut columns: Vec<ArrayRef> = self.data.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef).collect();
+        columns.push(Arc::new(self.corrupt.finish()));
+        let mut files = StringBuilder::with_capacity(self.len, self.len * self.location.len());
+        for _ in 0..self.len {
+            files.append_value(&self.location);
+        }
+        columns.push(Arc::new(files.finish()));
+        columns.push(Arc::new(self.lines.finish()));
+        self.done.push(RecordBatch::try_new(Arc::clone(&self.schema), columns)?);
+        self.len = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<RecordBatch>, ConnectorError> {
+        self.cut()?;
+        Ok(self.done)
+    }
+}
+
+fn strip_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
+fn trim_line_end(mut raw: &[u8]) -> &[u8] {
+    while let [rest @ .., b'\n' | b'\r'] = raw {
+        raw = rest;
+    }
+    raw
+}
+
+fn parse_csv(bytes: &[u8], columns: &[String], rows: &mut RowsBuilder) -> Result<(), ConnectorError> {
+    let bytes = strip_bom(bytes);
+    // flexible: a record with the wrong field count must reach us to become a corrupt row.
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(bytes);
+    let mut record = csv::ByteRecord::new();
+    let mut header: Option<Vec<Option<usize>>> = None;
+    let mut header_len = 0usize;
+    loop {
+        let start = reader.position().clone();
+        let more = match reader.read_byte_record(&mut record) {
+            Ok(more) => more,
+            Err(_) => {
+                // Only possible on I/O or UTF-8 checks we do not ask for; keep the bytes.
+                let end = usize::try_from(reader.position().byte()).unwrap_or(bytes.len()).min(bytes.len());
+                let begin = usize::try_from(start.byte()).unwrap_or(0).min(end);
+                rows.push_corrupt(trim_line_end(&bytes[begin..end]), start.line())?;
+                if end <= begin {
+                    break;
+                }
+                continue;
+            }
+        };
+        if !more {
+            break;
+        }
+        let line = record.position().map_or(start.line(), csv::Position::line);
+        let Some(mapping) = &header else {
+            let names: Vec<String> = record.iter().map(|f| String::from_utf8_lossy(f).trim().to_string()).collect();
+            header_len = names.len();
+            header = Some(columns.iter().map(|c| names.iter().position(|n| n == c)).collect());
+            continue;
+        };
+        let raw = || {
+            let begin = usize::try_from(record.position().map_or(0, csv::Position::byte)).unwrap_or(0);
+            let end = usize::try_from(reader.position().byte()).unwrap_or(bytes.len()).min(bytes.len());
+            trim_line_end(&bytes[begin.min(end)..end])
+        };
+        if record.len() != header_len {
+            rows.push_corrupt(raw(), line)?;
+            continue;
+        }
+        let fields: Option<Vec<Option<&str>>> = mapping
+            .iter()
+            .map(|idx| match idx.and_then(|i| record.get(i)) {
+                None | Some(b"") => Some(None),
+                Some(f) => std::str::from_utf8(f).ok().map(Some),
+            })
+            .collect();
+        match fields {
+            Some(values) => rows.push(values, line)?,
+            None => rows.push_corrupt(raw(), line)?,
+        }
+    }
+    Ok(())
+}
+
+fn parse_json_lines(bytes: &[u8], rows: &mut RowsBuilder) -> Result<(), ConnectorError> {
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let line = i as u64 + 1;
+        match std::str::from_utf8(raw) {
+            Ok(text) => rows.push([Some(text)], line)?,
+            Err(_) => rows.push_corrupt(raw, line)?,
+        }
+    }
+    Ok(())
+}
+
+/// A JSON value as text, as Spark's `get_json_object` gives it: strings unquoted, anything
+/// else in its JSON spelling, null as null.
+fn json_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+fn parse_json_document(
+    bytes: &[u8],
+    columns: &[String],
+    explode: Option<&Explode>,
+    rows: &mut RowsBuilder,
+) -> Result<(), ConnectorError> {
+    let bytes = strip_bom(bytes);
+    let doc: serde_json::Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(_) => return rows.push_corrupt(bytes, 1),
+    };
+    let Some(object) = doc.as_object() else {
+        return rows.push_corrupt(bytes, 1);
+    };
+    let top: Vec<Option<String>> = columns.iter().map(|c| object.get(c).and_then(json_text)).collect();
+    let Some(explode) = explode else {
+        return rows.push(top.iter().map(Option::as_deref), 1);
+    };
+    let Some(entries) = object.get(&explode.field).and_then(serde_json::Value::as_object) else {
+        return rows.push_corrupt(bytes, 1);
+    };
+    for (i, (key, value)) in entries.iter().enumerate() {
+        let value = json_text(value);
+        let values = top
+            .iter()
+            .map(Option::as_deref)
+            .chain([Some(key.as_str()), value.as_deref()]);
+        rows.push(values, i as u64 + 1)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, Int64Array};
+
+    fn csv_source() -> FilesSource {
+        let root = Url::parse("file:///landing/orders/").unwrap_or_else(|_| unreachable!());
+        FilesSource::new(root, FileFormat::Csv, vec!["a".into(), "b".into()])
+    }
+
+    fn column(batch: &RecordBatch, name: &str) -> Vec<Option<String>> {
+        let idx = batch.schema().index_of(name).unwrap_or_else(|_| unreachable!());
+        batch.column(idx).as_string::<i32>().iter().map(|v| v.map(str::to_string)).collect()
+    }
+
+    #[test]
+    fn csv_keeps_quoted_line_breaks_and_quarantines_bad_field_counts() -> Result<(), ConnectorError> {
+        let text = b"\xEF\xBB\xBFb,a\r\n1,\"x\r\ny, \"\"q\"\"\"\r\n2\r\n,3\r\n";
+        let batches = csv_source().parse(text, "file:///f.csv")?;
+        let batch = &batches[0];
+        assert_eq!(column(batch, "a"), vec![Some("x\r\ny, \"q\"".into()), None, Some("3".into())]);
+        assert_eq!(column(batch, "b"), vec![Some("1".into()), None, None]);
+        assert_eq!(column(batch, CORRUPT_RECORD), vec![None, Some("2".into()), None]);
+        let lines = batch.column(batch.num_columns() - 1).as_any().downcast_ref::<Int64Array>().map(|a| a.values().to_vec());
+        assert_eq!(lines, Some(vec![2, 4, 5]));
+        Ok(())
+    }
+
+    #[test]
+    fn json_lines_skip_blank_lines_and_keep_non_objects() -> Result<(), ConnectorError> {
+        let root = Url::parse("file:///landing/events/").unwrap_or_else(|_| unreachable!());
+        let source = FilesSource::new(root, FileFormat::JsonLines, vec![]);
+        let batches = source.parse(b"{\"a\":1}\r\n\n  \nnot json\n", "file:///e.jsonl")?;
+        assert_eq!(column(&batches[0], JSON_LINE_VALUE), vec![Some("{\"a\":1}".into()), Some("not json".into())]);
+        Ok(())
+    }
+
+    #[test]
+    fn json_documents_explode_to_one_row_per_entry() -> Result<(), ConnectorError> {
+        let root = Url::parse("file:///landing/fx/").unwrap_or_else(|_| unreachable!());
+        let explode = Explode {
+            field: "rates".into(),
+            key_column: "currency".into(),
+            value_column: "rate".into(),
+        };
+        let source = FilesSource::new(root, FileFormat::JsonDocument { explode: Some(explode) }, vec!["base".into()]);
+        let batches = source.parse(br#"{"base":"USD","rates":{"EUR":0.92,"JPY":150}}"#, "file:///fx.json")?;
+        assert_eq!(column(&batches[0], "currency"), vec![Some("EUR".into()), Some("JPY".into())]);
+        assert_eq!(column(&batches[0], "rate"), vec![Some("0.92".into()), Some("150".into())]);
+        assert_eq!(column(&batches[0], "base"), vec![Some("USD".into()), Some("USD".into())]);
+        let bad = source.parse(b"{not json", "file:///fx2.json")?;
+        assert_eq!(column(&bad[0], CORRUPT_RECORD), vec![Some("{not json".into())]);
+        Ok(())
+    }
+}

@@ -1,0 +1,49 @@
+//! The engine's one error type.
+
+use datafusion::error::DataFusionError;
+use deltalake::DeltaTableError;
+
+/// Result alias for engine operations.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Errors raised by the engine. User errors (a location that does not parse) are separate
+/// variants from failures of the stack underneath.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A lake or landing location that is neither a path nor a supported URL.
+    #[error("invalid location '{location}': {reason}")]
+    InvalidLocation { location: String, reason: String },
+
+    /// A Delta table operation failed.
+    #[error("Delta table {table}: {source}")]
+    Delta {
+        table: String,
+        #[source]
+        source: DeltaTableError,
+    },
+
+    /// A query failed while planning or executing.
+    #[error(transparent)]
+    DataFusion(#[from] DataFusionError),
+
+    /// An object store request failed.
+    #[error("object store request for {location} failed: {source}")]
+    ObjectStore {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// The data handed to a write does not fit the table it goes to.
+    #[error("write to {table} rejected: {reason}")]
+    InvalidWrite { table: String, reason: String },
+}
+
+impl EngineError {
+    pub(crate) fn delta(table: &url::Url, source: DeltaTableError) -> Self {
+        EngineError::Delta {
+            table: table.to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Append in two phases: stage data files (invisible to readers), then commit them in one
+//! Delta transaction. A run stages every table before committing any, so a source that fails
+//! half-way leaves every table as it was.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use deltalake::DeltaTable;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
+use deltalake::kernel::transaction::CommitBuilder;
+use deltalake::kernel::{Action, StructType};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use url::Url;
+
+use super::{AppTransaction, CommitMetrics, DEFAULT_TARGET_FILE_SIZE};
+use crate::error::{EngineError, Result};
+use crate::table;
+
+/// Builds an append to the Delta table at a URL; the table is created on first commit.
+#[derive(Debug, Clone)]
+pub struct AppendBuilder {
+    url: Url,
+    schema: SchemaRef,
+    partition_columns: Vec<String>,
+    target_file_size: u64,
+}
+
+impl AppendBuilder {
+    pub fn new(url: Url, schema: SchemaRef) -> Self {
+        Self {
+            url,
+            schema,
+            partition_columns: Vec::new(),
+            target_file_size: DEFAULT_TARGET_FILE_SIZE.get(),
+        }
+    }
+
+    pub fn with_partition_columns(mut self, columns: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.partition_columns = columns.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn with_target_file_size(mut self, bytes: u64) -> Self {
+        self.target_file_size = bytes;
+        self
+    }
+
+    /// Opens a writer; data written to it stays invisible until [`StagedAppend::commit`].
+    pub fn stage(self) -> Result<StagedAppend> {
+        let partitions = (!self.partition_columns.is_empty()).then(|| self.partition_columns.clone());
+        let writer = RecordBatchWriter::try_new(self.url.as_str(), Arc::clone(&self.schema), partitions, None)
+            .map_err(|e| EngineError::delta(&self.url, e))?
+            .with_target_file_size(self.target_file_size);
+        Ok(StagedAppend {
+            builder: self,
+            writer,
+            rows: 0,
+        })
+    }
+}
+
+/// Data files written but not yet committed.
+pub struct StagedAppend {
+    builder: AppendBuilder,
+    writer: RecordBatchWriter,
+    rows: u64,
+}
+
+impl std::fmt::Debug for StagedAppend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedAppend")
+            .field("table", &self.builder.url.as_str())
+            .field("rows", &self.rows)
+            .finish()
+    }
+}
+
+impl StagedAppend {
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        if batch.schema().fields() != self.builder.schema.fields() {
+            return Err(EngineError::InvalidWrite {
+                table: self.builder.url.to_string(),
+                reason: format!(
+                    "batch schema {:?} differs from the table's {:?}",
+                    batch.schema(),
+                    self.builder.schema
+                ),
+            });
+        }
+        self.rows += batch.num_rows() as u64;
+        self.writer
+            .write(batch)
+            .await
+            .map_err(|e| EngineError::delta(&self.builder.url, e))
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Commits the staged files as one Delta version (creating the table when absent). With a
+    /// transaction that the table already holds, nothing is committed.
+    pub async fn commit(mut self, txn: Option<&AppTransaction>) -> Result<CommitMetrics> {
+        let url = self.builder.url.clone();
+        let adds = self.writer.flush().await.map_err(|e| EngineError::delta(&url, e))?;
+        let table = match table::open_table(&url).await? {
+            Some(t) => t,
+            None => create_table(&url, &self.builder.schema, &self.builder.partition_columns).await?,
+        };
+        if let Some(txn) = txn {
+            if txn.is_committed(&table).await? {
+                return Ok(CommitMetrics {
+                    version: table.version(),
+                    already_committed: true,
+                    ..CommitMetrics::default()
+                });
+            }
+        }
+        if adds.is_empty() && txn.is_none() {
+            return Ok(CommitMetrics {
+                version: table.version(),
+                ..CommitMetrics::default()
+            });
+        }
+        let files_added = adds.len() as u64;
+        let bytes_added = adds.iter().map(|a| u64::try_from(a.size).unwrap_or(0)).sum();
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: (!self.builder.partition_columns.is_empty())
+                .then(|| self.builder.partition_columns.clone()),
+            predicate: None,
+        };
+        let snapshot = table.snapshot().map_err(|e| EngineError::delta(&url, e))?;
+        let finalized = CommitBuilder::from(AppTransaction::commit_properties(txn))
+            .with_actions(adds.into_iter().map(Action::Add).collect())
+            .build(Some(snapshot), table.log_store(), operation)
+            .await
+            .map_err(|e| EngineError::delta(&url, e))?;
+        Ok(CommitMetrics {
+            version: Some(finalized.version()),
+            rows_inserted: self.rows,
+            files_added,
+            bytes_added,
+            ..CommitMetrics::default()
+        })
+    }
+}
+
+/// Creates an empty Delta table with `schema` at `url`.
+pub(crate) async fn create_table(url: &Url, schema: &SchemaRef, partition_columns: &[String]) -> Result<DeltaTable> {
+    let kernel_schema: StructType = schema
+        .as_ref()
+        .try_into_kernel()
+        .map_err(|e| EngineError::delta(url, e.into()))?;
+    let table = DeltaTable::try_from_url(url.clone())
+        .await
+        .map_err(|e| EngineError::delta(url, e))?;
+    table
+        .create()
+        .with_columns(kernel_schema.fields().cloned())
+        .with_partition_columns(partition_columns.to_vec())
+        .await
+        .map_err(|e| EngineError::delta(url, e))
+}

@@ -1,0 +1,73 @@
+//! Write operations, one module per verb. Each is a builder that resolves to
+//! [`CommitMetrics`], and each can carry an [`AppTransaction`] so that a rerun after a crash
+//! finds its commit already made and skips it instead of writing twice.
+
+mod append;
+mod overwrite;
+mod upsert;
+
+pub use append::{AppendBuilder, StagedAppend};
+pub use overwrite::OverwriteBuilder;
+pub use upsert::UpsertBuilder;
+
+use std::num::NonZeroU64;
+
+use deltalake::DeltaTable;
+use deltalake::kernel::Transaction;
+use deltalake::kernel::transaction::CommitProperties;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::table;
+
+/// Data files are cut at this size unless a table says otherwise; delta-rs lets a file grow
+/// without bound when no target is set.
+pub const DEFAULT_TARGET_FILE_SIZE: NonZeroU64 = match NonZeroU64::new(128 * 1024 * 1024) {
+    Some(n) => n,
+    None => NonZeroU64::MIN,
+};
+
+/// An application transaction: `(app_id, version)` recorded in the Delta log with a commit.
+/// A commit whose `app_id` already reached `version` is skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppTransaction {
+    pub app_id: String,
+    pub version: i64,
+}
+
+impl AppTransaction {
+    pub fn new(app_id: impl Into<String>, version: i64) -> Self {
+        Self {
+            app_id: app_id.into(),
+            version,
+        }
+    }
+
+    fn commit_properties(txn: Option<&Self>) -> CommitProperties {
+        let props = CommitProperties::default();
+        match txn {
+            Some(t) => props.with_application_transaction(Transaction::new(&t.app_id, t.version)),
+            None => props,
+        }
+    }
+
+    /// Whether `table` already holds this transaction's commit.
+    pub async fn is_committed(&self, table: &DeltaTable) -> Result<bool> {
+        Ok(table::app_transaction_version(table, &self.app_id)
+            .await?
+            .is_some_and(|v| v >= self.version))
+    }
+}
+
+/// What a write did, as recorded in a run summary.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct CommitMetrics {
+    /// The table version after the write (unchanged when skipped or empty).
+    pub version: Option<u64>,
+    pub rows_inserted: u64,
+    pub rows_updated: u64,
+    pub files_added: u64,
+    pub bytes_added: u64,
+    /// The transaction was already committed by an earlier attempt; nothing was written.
+    pub already_committed: bool,
+}

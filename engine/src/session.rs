@@ -1,0 +1,52 @@
+//! The one place a DataFusion session is made, so that every query of a run sees the same
+//! functions, settings and catalog layout.
+
+use std::sync::Arc;
+
+use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::error::Result;
+use crate::udf;
+
+/// The schemas tables are registered under: `bronze.orders`, `silver.orders`, ...
+pub const LAYER_SCHEMAS: [&str; 3] = ["bronze", "silver", "gold"];
+
+/// Settings of a session. Engine tuning passes through as DataFusion config keys rather than
+/// new knobs of our own.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Partitions a plan is split into; defaults to the number of cores.
+    pub target_partitions: Option<usize>,
+    /// Extra `datafusion.*` settings, applied last.
+    pub datafusion_settings: Vec<(String, String)>,
+}
+
+/// A session with the engine's functions (`parse_timestamp`, the `json_*` family) and one
+/// empty schema per layer.
+pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
+    let mut config = SessionConfig::new()
+        .with_information_schema(true)
+        // Landed data sits in batch sub-folders; listing scans must descend into them.
+        .set_bool("datafusion.execution.listing_table_ignore_subdirectory", false)
+        // Identifiers keep their case, as Spark users expect of column names.
+        .set_bool("datafusion.sql_parser.enable_ident_normalization", true);
+    if let Some(n) = options.target_partitions {
+        config = config.with_target_partitions(n.max(1));
+    }
+    for (key, value) in &options.datafusion_settings {
+        config.options_mut().set(key, value)?;
+    }
+    let runtime = RuntimeEnvBuilder::new().build_arc()?;
+    let mut ctx = SessionContext::new_with_config_rt(config, runtime);
+    datafusion_functions_json::register_all(&mut ctx)?;
+    ctx.register_udf(udf::parse_timestamp_udf());
+    let catalog = ctx
+        .catalog("datafusion")
+        .ok_or_else(|| datafusion::error::DataFusionError::Internal("no default catalog".into()))?;
+    for schema in LAYER_SCHEMAS {
+        catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new()) as Arc<dyn SchemaProvider>)?;
+    }
+    Ok(ctx)
+}

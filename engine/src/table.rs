@@ -1,0 +1,68 @@
+//! Opening Delta tables and showing them to DataFusion under `<layer>.<table>`.
+
+use datafusion::prelude::SessionContext;
+use datafusion::common::TableReference;
+use deltalake::{DeltaTable, DeltaTableBuilder};
+use url::Url;
+
+use crate::error::{EngineError, Result};
+
+/// Opens the Delta table at `url`, or `None` when no table has been written there yet.
+pub async fn open_table(url: &Url) -> Result<Option<DeltaTable>> {
+    let mut table = DeltaTableBuilder::from_url(url.clone())
+        .and_then(DeltaTableBuilder::build)
+        .map_err(|e| EngineError::delta(url, e))?;
+    if !table
+        .verify_deltatable_existence()
+        .await
+        .map_err(|e| EngineError::delta(url, e))?
+    {
+        return Ok(None);
+    }
+    table.load().await.map_err(|e| EngineError::delta(url, e))?;
+    Ok(Some(table))
+}
+
+/// Registers `table` as `<schema>.<name>` in `ctx`, replacing an earlier registration so that
+/// queries see the version just loaded.
+pub async fn register_table(
+    ctx: &SessionContext,
+    schema: &str,
+    name: &str,
+    table: &DeltaTable,
+) -> Result<()> {
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| EngineError::delta(table.table_url(), e))?;
+    let provider = table.table_provider().await?;
+    let reference = TableReference::partial(schema, name);
+    ctx.deregister_table(reference.clone())?;
+    ctx.register_table(reference, provider)?;
+    Ok(())
+}
+
+/// The loaded version of `table`, if it has one.
+pub fn version(table: &DeltaTable) -> Option<u64> {
+    table.version()
+}
+
+/// Bytes and count of the data files in the loaded version of `table`.
+pub fn data_files(table: &DeltaTable) -> (u64, u64) {
+    table.snapshot().map_or((0, 0), |s| {
+        s.log_data().iter().fold((0u64, 0u64), |(bytes, files), f| {
+            (bytes + u64::try_from(f.size()).unwrap_or(0), files + 1)
+        })
+    })
+}
+
+/// The last version an application committed to `table` under `app_id` (a Delta `txn`
+/// action), the basis of idempotent reruns.
+pub async fn app_transaction_version(table: &DeltaTable, app_id: &str) -> Result<Option<i64>> {
+    let snapshot = table
+        .snapshot()
+        .map_err(|e| EngineError::delta(table.table_url(), e))?;
+    snapshot
+        .transaction_version(table.log_store().as_ref(), app_id)
+        .await
+        .map_err(|e| EngineError::delta(table.table_url(), e))
+}

@@ -1,0 +1,168 @@
+//! Scalar functions the engine adds to every session.
+//!
+//! `parse_timestamp(text)` reads exactly the three timestamp spellings landed data may use
+//! (`2026-03-01T12:34:56Z`, `2026-03-01T14:34:56+02:00`, `2026-03-01 12:34:56` meaning UTC)
+//! and returns a UTC timestamp, or null for anything else, including impossible instants such
+//! as `2026-02-30T00:00:00Z`. A cast would accept more spellings (fractions, `T` without zone)
+//! and fail the whole query on a bad value; a quality rule needs a null instead.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, TimestampMicrosecondBuilder};
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::common::{Result, ScalarValue, exec_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
+    Volatility,
+};
+
+/// The UTC timestamp type every parsed instant has.
+pub fn utc_timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// Microseconds since the epoch for one of the three accepted spellings, else `None`.
+pub fn parse_timestamp_micros(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        let mut v = 0u32;
+        for &c in b.get(r)? {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            v = v * 10 + u32::from(c - b'0');
+        }
+        Some(v)
+    };
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let offset_seconds: i64 = match (b[10], b.len()) {
+        (b' ', 19) => 0,
+        (b'T', 20) if b[19] == b'Z' => 0,
+        (b'T', 25) if (b[19] == b'+' || b[19] == b'-') && b[22] == b':' => {
+            let (h, m) = (digits(20..22)?, digits(23..25)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let secs = i64::from(h * 3600 + m * 60);
+            if b[19] == b'-' { -secs } else { secs }
+        }
+        _ => return None,
+    };
+    let date = chrono::NaiveDate::from_ymd_opt(
+        i32::try_from(digits(0..4)?).ok()?,
+        digits(5..7)?,
+        digits(8..10)?,
+    )?;
+    let time = chrono::NaiveTime::from_hms_opt(digits(11..13)?, digits(14..16)?, digits(17..19)?)?;
+    let local = date.and_time(time).and_utc().timestamp_micros();
+    local.checked_sub(offset_seconds * 1_000_000)
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ParseTimestamp {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for ParseTimestamp {
+    fn name(&self) -> &str {
+        "parse_timestamp"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(utc_timestamp_type())
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let [arg] = args.args.as_slice() else {
+            return exec_err!("parse_timestamp takes one argument");
+        };
+        match arg {
+            ColumnarValue::Scalar(s) => {
+                let parsed = match s {
+                    ScalarValue::Utf8(v) | ScalarValue::Utf8View(v) | ScalarValue::LargeUtf8(v) => {
+                        v.as_deref().and_then(parse_timestamp_micros)
+                    }
+                    ScalarValue::Null => None,
+                    other => return exec_err!("parse_timestamp expects text, got {other:?}"),
+                };
+                Ok(ColumnarValue::Scalar(ScalarValue::TimestampMicrosecond(
+                    parsed,
+                    Some("UTC".into()),
+                )))
+            }
+            ColumnarValue::Array(array) => {
+                let out = match array.data_type() {
+                    DataType::Utf8 => parse_all(array.as_string::<i32>().iter(), array.len()),
+                    DataType::LargeUtf8 => parse_all(array.as_string::<i64>().iter(), array.len()),
+                    DataType::Utf8View => parse_all(array.as_string_view().iter(), array.len()),
+                    DataType::Null => parse_all(std::iter::repeat_n(None, array.len()), array.len()),
+                    other => return exec_err!("parse_timestamp expects text, got {other}"),
+                };
+                Ok(ColumnarValue::Array(out))
+            }
+        }
+    }
+}
+
+fn parse_all<'a>(values: impl Iterator<Item = Option<&'a str>>, len: usize) -> ArrayRef {
+    let mut builder = TimestampMicrosecondBuilder::with_capacity(len).with_timezone("UTC");
+    for value in values {
+        builder.append_option(value.and_then(parse_timestamp_micros));
+    }
+    Arc::new(builder.finish())
+}
+
+/// `parse_timestamp(text) -> timestamp(us, UTC)`, null when `text` is not one of the three
+/// accepted spellings of a real instant.
+pub fn parse_timestamp_udf() -> ScalarUDF {
+    ScalarUDF::new_from_impl(ParseTimestamp {
+        signature: Signature::one_of(
+            vec![
+                TypeSignature::Exact(vec![DataType::Utf8]),
+                TypeSignature::Exact(vec![DataType::Utf8View]),
+                TypeSignature::Exact(vec![DataType::LargeUtf8]),
+                TypeSignature::Exact(vec![DataType::Null]),
+            ],
+            Volatility::Immutable,
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_timestamp_micros as p;
+
+    #[test]
+    fn accepts_the_three_spellings_as_the_same_instant() {
+        let z = p("2026-03-01T12:34:56Z");
+        assert!(z.is_some());
+        assert_eq!(p("2026-03-01T14:34:56+02:00"), z);
+        assert_eq!(p("2026-03-01 12:34:56"), z);
+        assert_eq!(p("2026-03-01T10:04:56-02:30"), z);
+    }
+
+    #[test]
+    fn rejects_other_spellings_and_impossible_instants() {
+        for bad in [
+            "2026-02-30T00:00:00Z",
+            "31/02/2026",
+            "not-a-date",
+            "2026-03-01T12:34:56",
+            "2026-03-01 12:34:56Z",
+            "2026-03-01T12:34:56.5Z",
+            "2026-03-01T24:00:00Z",
+            "2026-03-01T12:34:60Z",
+            " 2026-03-01T12:34:56Z",
+            "2026-03-01T12:34:56+2:00",
+            "",
+        ] {
+            assert_eq!(p(bad), None, "{bad}");
+        }
+    }
+}

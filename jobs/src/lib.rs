@@ -1,0 +1,65 @@
+//! # medallion-jobs
+//!
+//! Pipelines and the runs that carry them out. This crate owns the pipeline definition
+//! ([`pipeline::Pipeline`]: a folder with `pipeline.toml` and SQL files), its validation
+//! ([`validate::validate`]), the bronze, silver and gold layer runners
+//! ([`run::run_pipeline`]), the run summary, the commerce data generator and the `medallion`
+//! binary. It decides *what* runs in which order and records how far each table got; the
+//! data work itself is DataFusion's and deltalake's, reached through `medallion-engine`.
+//! No code here knows a table name of a particular pipeline, except the generator.
+//!
+//! ```text
+//!   pipeline.toml + *.sql ──validate──► plans against declared schemas (no I/O)
+//!                │
+//!                └─run──► bronze ──► silver ──► gold      state store: watermarks, files,
+//!                                                          intents, run records
+//! ```
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), medallion_jobs::JobError> {
+//! use std::sync::Arc;
+//! use medallion_jobs::pipeline::Pipeline;
+//! use medallion_jobs::run::{run_pipeline, Layer, RunOptions};
+//! let pipeline = Pipeline::load("commerce", &[("lake".into(), "/tmp/lake".into()), ("landing".into(), "/tmp/landing".into())])?;
+//! let options = RunOptions {
+//!     layers: Layer::ALL.to_vec(),
+//!     run_id: "example".into(),
+//!     state: Arc::new(medallion_connectors::state::LocalFileStateStore::new("/tmp/lake/_medallion_state")),
+//!     progress: false,
+//!     session: Default::default(),
+//! };
+//! let (summary, result) = run_pipeline(&pipeline, &options).await;
+//! println!("{}", summary.to_json_line());
+//! result
+//! # }
+//! ```
+
+pub mod demo;
+pub mod error;
+pub mod generate;
+pub mod pipeline;
+pub mod run;
+pub mod summary;
+pub mod validate;
+
+pub use error::{JobError, exit_code};
+
+use std::sync::Arc;
+
+use medallion_connectors::state::{LocalFileStateStore, StateStore};
+
+/// The state store named by `--state` (a folder or `file://` URL), or by default the folder
+/// `_medallion_state` inside a local lake.
+pub fn state_store(spec: Option<&str>, pipeline: &pipeline::Pipeline) -> Result<Arc<dyn StateStore>, JobError> {
+    let file_label = || spec.unwrap_or("--state").to_string();
+    let dir = match spec {
+        Some(s) => {
+            let url = medallion_engine::location::parse_location(s).map_err(|e| JobError::config(file_label(), None, e.to_string()))?;
+            medallion_engine::location::local_path(&url).ok_or_else(|| JobError::config(file_label(), None, "the state store must be a local folder (file://)"))?
+        }
+        None => medallion_engine::location::local_path(&pipeline.lake)
+            .map(|p| p.join("_medallion_state"))
+            .ok_or_else(|| JobError::config(&pipeline.file_label, None, format!("the lake {} is not on local disk: name a state store with --state", pipeline.lake)))?,
+    };
+    Ok(Arc::new(LocalFileStateStore::new(dir)))
+}

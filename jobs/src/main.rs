@@ -1,0 +1,208 @@
+//! The `medallion` command line.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use medallion_jobs::pipeline::{Pipeline, parse_var};
+use medallion_jobs::run::{Layer, RunOptions, run_pipeline};
+use medallion_jobs::{JobError, exit_code};
+
+/// A native lakehouse ETL engine: bronze → silver → gold on Delta tables.
+#[derive(Debug, Parser)]
+#[command(name = "medallion", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline: one layer, or all three in order.
+    Run {
+        /// A pipeline folder, its pipeline.toml, or a built-in pipeline's name (commerce).
+        pipeline: String,
+        /// Run only this layer (repeatable); default: bronze, silver, gold.
+        #[arg(long, value_enum)]
+        layer: Vec<Layer>,
+        /// Set a pipeline variable: --var lake=s3://bucket/lake
+        #[arg(long = "var", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
+        /// Identifies the run in tables, state and summary; default: a new UUID.
+        #[arg(long)]
+        run_id: Option<String>,
+        /// State store folder; default: <lake>/_medallion_state for a local lake.
+        #[arg(long, env = "MEDALLION_STATE")]
+        state: Option<String>,
+        /// Also write the run summary (JSON) to this file.
+        #[arg(long)]
+        summary: Option<PathBuf>,
+        /// DataFusion target partitions; default: the number of cores.
+        #[arg(long)]
+        target_partitions: Option<usize>,
+    },
+    /// Check a pipeline without reading or writing any data.
+    Validate {
+        pipeline: String,
+        #[arg(long = "var", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
+    },
+    /// Write the commerce landing data (reference pipeline, section 1).
+    Generate {
+        /// Scale factor: 1 is 1,000,000 orders and 3,000,000 events.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        #[arg(long, default_value_t = 1)]
+        batches: u32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generate a small landing and run the commerce pipeline on it, on local disk.
+    Demo {
+        /// Where to put landing and lake; default: a new temporary folder (kept).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 0.01)]
+        scale: f64,
+        #[arg(long, default_value_t = 3)]
+        batches: u32,
+    },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MEDALLION_LOG").unwrap_or_else(|_| EnvFilter::new("info,datafusion=warn,deltalake=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.compact().init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit_code::FAILURE as u8);
+        }
+    };
+    let code = runtime.block_on(dispatch(cli.command));
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+async fn dispatch(command: Command) -> i32 {
+    let progress = std::io::stderr().is_terminal();
+    match command {
+        Command::Run {
+            pipeline,
+            layer,
+            vars,
+            run_id,
+            state,
+            summary,
+            target_partitions,
+        } => {
+            let loaded = Pipeline::load(&pipeline, &vars).and_then(|p| {
+                let store = medallion_jobs::state_store(state.as_deref(), &p)?;
+                Ok((p, store))
+            });
+            let (pipeline, store) = match loaded {
+                Ok(v) => v,
+                Err(e) => return report_error(&e),
+            };
+            let options = RunOptions {
+                layers: if layer.is_empty() { Layer::ALL.to_vec() } else { layer },
+                run_id: run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                state: store,
+                progress,
+                session: medallion_engine::session::SessionOptions {
+                    target_partitions,
+                    ..Default::default()
+                },
+            };
+            let (run_summary, result) = run_pipeline(&pipeline, &options).await;
+            if let Err(e) = &result {
+                eprintln!("error: {e}");
+            }
+            if progress {
+                eprint!("{}", run_summary.to_table());
+            }
+            let line = run_summary.to_json_line();
+            if let Some(path) = summary {
+                if let Err(e) = std::fs::write(&path, &line) {
+                    eprintln!("error: cannot write the summary to {}: {e}", path.display());
+                }
+            }
+            println!("{line}");
+            run_summary.exit_code
+        }
+        Command::Validate { pipeline, vars } => {
+            let result = match Pipeline::load(&pipeline, &vars) {
+                Ok(p) => medallion_jobs::validate::validate(&p).await.map(|v| (p, v)),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok((p, v)) => {
+                    println!("{}: valid ({} tables)", p.file_label, v.tables.len());
+                    for (layer, name, schema) in &v.tables {
+                        let cols: Vec<String> = schema.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect();
+                        println!("  {layer}.{name}: {}", cols.join(", "));
+                    }
+                    exit_code::SUCCESS
+                }
+                Err(e) => report_error(&e),
+            }
+        }
+        Command::Generate { scale, batches, seed, out } => {
+            let started = std::time::Instant::now();
+            let options = medallion_jobs::generate::GenerateOptions { scale, batches, seed, out };
+            match tokio::task::spawn_blocking(move || medallion_jobs::generate::generate(&options)).await {
+                Ok(Ok(report)) => {
+                    let mut value = serde_json::to_value(&report).unwrap_or_default();
+                    value["duration_ms"] = serde_json::json!(started.elapsed().as_millis() as u64);
+                    println!("{value}");
+                    exit_code::SUCCESS
+                }
+                Ok(Err(e)) => report_error(&e),
+                Err(e) => {
+                    eprintln!("error: generator crashed: {e}");
+                    exit_code::FAILURE
+                }
+            }
+        }
+        Command::Demo { dir, scale, batches } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => match tempfile::Builder::new().prefix("medallion-demo-").tempdir() {
+                    Ok(t) => t.keep(),
+                    Err(e) => {
+                        eprintln!("error: cannot make a temporary folder: {e}");
+                        return exit_code::FAILURE;
+                    }
+                },
+            };
+            match medallion_jobs::demo::demo(dir, scale, batches, progress).await {
+                Ok(outcome) => {
+                    println!("medallion demo: commerce pipeline, landing and lake under {}", outcome.dir.display());
+                    print!("{}", outcome.summary.to_table());
+                    println!("gold.daily_sales, top countries by revenue:\n{}", outcome.gold_preview);
+                    println!("{}", outcome.summary.to_json_line());
+                    exit_code::SUCCESS
+                }
+                Err(e) => report_error(&e),
+            }
+        }
+    }
+}
+
+fn report_error(e: &JobError) -> i32 {
+    eprintln!("error: {e}");
+    e.exit_code()
+}

@@ -1,0 +1,392 @@
+//! The pipeline definition: a folder holding `pipeline.toml` and the `.sql` files it names.
+//!
+//! One typed tree of serde structs with `deny_unknown_fields`: a misspelt key is an error
+//! with its line, not a silently ignored setting. Locations are filled from variables
+//! (`${lake}`), whose defaults the file declares and `--var name=value` overrides, so the
+//! same pipeline runs on a laptop path or an `s3://` URI.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use medallion_connectors::files::{Explode, FileFormat, FilesSource};
+use medallion_quality::Rule;
+use serde::Deserialize;
+use toml::Spanned;
+use url::Url;
+
+use crate::error::{ConfigIssue, JobError};
+
+/// The name of the declarative file inside a pipeline folder.
+pub const PIPELINE_FILE: &str = "pipeline.toml";
+
+/// The pipelines compiled into the binary, so `medallion demo` and `medallion run commerce`
+/// work from any directory: `(name, [(relative path, text)])`.
+const BUILTIN: &[(&str, &[(&str, &str)])] = &[(
+    "commerce",
+    &[
+        ("pipeline.toml", include_str!("../../pipelines/commerce/pipeline.toml")),
+        ("silver/fx_rates.sql", include_str!("../../pipelines/commerce/silver/fx_rates.sql")),
+        ("silver/products.sql", include_str!("../../pipelines/commerce/silver/products.sql")),
+        ("silver/customers.sql", include_str!("../../pipelines/commerce/silver/customers.sql")),
+        ("silver/orders.sql", include_str!("../../pipelines/commerce/silver/orders.sql")),
+        ("silver/events.sql", include_str!("../../pipelines/commerce/silver/events.sql")),
+        ("gold/orders_priced.sql", include_str!("../../pipelines/commerce/gold/orders_priced.sql")),
+        ("gold/daily_sales.sql", include_str!("../../pipelines/commerce/gold/daily_sales.sql")),
+        ("gold/customer_360.sql", include_str!("../../pipelines/commerce/gold/customer_360.sql")),
+        ("gold/daily_engagement.sql", include_str!("../../pipelines/commerce/gold/daily_engagement.sql")),
+    ],
+)];
+
+/// Names of the pipelines built into the binary.
+pub fn builtin_names() -> Vec<&'static str> {
+    BUILTIN.iter().map(|(n, _)| *n).collect()
+}
+
+/// `pipeline.toml` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// Names the pipeline in state keys, transaction ids and summaries.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Variable defaults; `--var` overrides them.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    pub lake: LakeSpec,
+    #[serde(default)]
+    pub bronze: Vec<BronzeSpec>,
+    #[serde(default)]
+    pub silver: Vec<SilverSpec>,
+    #[serde(default)]
+    pub gold: Vec<GoldSpec>,
+}
+
+/// Where the tables live: `<root>/<layer>/<table>/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakeSpec {
+    pub root: String,
+    /// Data files are cut at this size (MiB); defaults to 128.
+    #[serde(default)]
+    pub target_file_size_mb: Option<u64>,
+}
+
+/// A bronze table: one source, appended as received.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BronzeSpec {
+    pub table: Spanned<String>,
+    pub source: SourceSpec,
+}
+
+/// A source of a bronze table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceSpec {
+    /// Files landed below a folder.
+    Files(FilesSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSpec {
+    pub path: String,
+    pub format: FormatSpec,
+    /// CSV header names to read, or a JSON document's top-level fields.
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// For JSON documents: the object exploded to one row per entry.
+    #[serde(default)]
+    pub explode: Option<ExplodeSpec>,
+    /// File name endings to read; by default the format's own (`csv`, `jsonl`, `json`).
+    #[serde(default)]
+    pub extensions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FormatSpec {
+    Csv,
+    Jsonl,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplodeSpec {
+    pub field: String,
+    pub key_column: String,
+    pub value_column: String,
+}
+
+/// A silver table: the rules, the shaping SQL and the keep rule of one bronze table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SilverSpec {
+    pub table: Spanned<String>,
+    /// The bronze table read.
+    pub from: String,
+    /// Columns of the SQL's output that identify a row.
+    pub key: Vec<String>,
+    /// Among rows of one key the greatest of these wins (nulls lose); ties go to the row
+    /// seen last (greatest `_source_file`, then `_source_line`). Empty: the last seen wins.
+    #[serde(default)]
+    pub keep_latest_by: Vec<String>,
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    /// SQL over the relation `input` (the valid rows) that types and normalises them.
+    pub sql: String,
+    /// Checked in order against the bronze columns; the first failing quarantine rule sends
+    /// the row to the quarantine table.
+    #[serde(default)]
+    pub rules: Vec<Spanned<Rule>>,
+    /// Defaults to `<table>_quarantine`, in silver.
+    #[serde(default)]
+    pub quarantine_table: Option<String>,
+}
+
+impl SilverSpec {
+    pub fn quarantine_table(&self) -> String {
+        self.quarantine_table
+            .clone()
+            .unwrap_or_else(|| format!("{}_quarantine", self.table.get_ref()))
+    }
+
+    pub fn rules(&self) -> Vec<Rule> {
+        self.rules.iter().map(|r| r.get_ref().clone()).collect()
+    }
+}
+
+/// A gold model: SQL over silver (and earlier gold models).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoldSpec {
+    pub table: Spanned<String>,
+    pub sql: String,
+    #[serde(default)]
+    pub kind: GoldKind,
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GoldKind {
+    /// Written as a Delta table, replaced whenever its inputs changed.
+    #[default]
+    Table,
+    /// Planned and shared with later models, never written.
+    View,
+}
+
+/// A loaded pipeline with its variables resolved and its SQL read.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub spec: PipelineSpec,
+    /// What names the pipeline's file in messages.
+    pub file_label: String,
+    /// The text of `pipeline.toml`, for line numbers.
+    pub text: String,
+    /// The lake root, resolved.
+    pub lake: Url,
+    vars: BTreeMap<String, String>,
+    sql: BTreeMap<String, String>,
+    dir_label: String,
+}
+
+impl Pipeline {
+    /// Loads a pipeline folder, a `pipeline.toml` path, or the name of a built-in pipeline.
+    pub fn load(spec: &str, overrides: &[(String, String)]) -> Result<Self, JobError> {
+        let path = Path::new(spec);
+        if path.is_dir() || path.is_file() {
+            let (dir, file) = if path.is_dir() {
+                (path.to_path_buf(), path.join(PIPELINE_FILE))
+            } else {
+                (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
+            };
+            let text = std::fs::read_to_string(&file).map_err(|e| JobError::config(file.display().to_string(), None, e.to_string()))?;
+            let mut sql = BTreeMap::new();
+            let spec = parse_spec(&text, &file.display().to_string())?;
+            for name in spec.sql_files() {
+                let p: PathBuf = dir.join(&name);
+                if let Ok(body) = std::fs::read_to_string(&p) {
+                    sql.insert(name, body);
+                }
+            }
+            return Self::resolve(spec, text, file.display().to_string(), dir.display().to_string(), sql, overrides);
+        }
+        if let Some((name, files)) = BUILTIN.iter().find(|(n, _)| *n == spec) {
+            let text = files.iter().find(|(p, _)| *p == PIPELINE_FILE).map(|(_, t)| (*t).to_string()).unwrap_or_default();
+            let label = format!("<built-in {name}>/{PIPELINE_FILE}");
+            let parsed = parse_spec(&text, &label)?;
+            let sql = files
+                .iter()
+                .filter(|(p, _)| p.ends_with(".sql"))
+                .map(|(p, t)| ((*p).to_string(), (*t).to_string()))
+                .collect();
+            return Self::resolve(parsed, text, label, format!("<built-in {name}>"), sql, overrides);
+        }
+        Err(JobError::config(
+            spec,
+            None,
+            format!("no pipeline folder here and no built-in pipeline of that name (built in: {})", builtin_names().join(", ")),
+        ))
+    }
+
+    fn resolve(
+        spec: PipelineSpec,
+        text: String,
+        file_label: String,
+        dir_label: String,
+        sql: BTreeMap<String, String>,
+        overrides: &[(String, String)],
+    ) -> Result<Self, JobError> {
+        let mut vars = spec.vars.clone();
+        for (k, v) in overrides {
+            vars.insert(k.clone(), v.clone());
+        }
+        let mut issues = Vec::new();
+        for (k, _) in overrides {
+            if !spec.vars.contains_key(k) {
+                issues.push(ConfigIssue {
+                    file: file_label.clone(),
+                    line: None,
+                    message: format!("--var {k}: the pipeline declares no such variable (declared: {})", spec.vars.keys().cloned().collect::<Vec<_>>().join(", ")),
+                });
+            }
+        }
+        let lake_text = substitute(&spec.lake.root, &vars).map_err(|m| JobError::config(&file_label, None, m))?;
+        let lake = medallion_engine::location::parse_location(&lake_text).map_err(|e| JobError::config(&file_label, None, e.to_string()))?;
+        if !issues.is_empty() {
+            return Err(JobError::Config { issues });
+        }
+        Ok(Self {
+            spec,
+            file_label,
+            text,
+            lake,
+            vars,
+            sql,
+            dir_label,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The 1-based line of a byte offset of `pipeline.toml`.
+    pub fn line_of(&self, offset: usize) -> usize {
+        line_of(&self.text, offset)
+    }
+
+    /// The text of a SQL file named by the pipeline, or a config error naming it.
+    pub fn sql(&self, name: &str) -> Result<&str, JobError> {
+        self.sql
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| JobError::config(self.sql_label(name), None, "SQL file not found"))
+    }
+
+    /// How a SQL file is named in messages.
+    pub fn sql_label(&self, name: &str) -> String {
+        format!("{}/{}", self.dir_label, name)
+    }
+
+    /// The location of a table of a layer.
+    pub fn table_url(&self, layer: &str, table: &str) -> Result<Url, JobError> {
+        Ok(medallion_engine::location::table_url(&self.lake, layer, table)?)
+    }
+
+    /// The files source of a bronze table, its location resolved.
+    pub fn files_source(&self, bronze: &BronzeSpec) -> Result<FilesSource, JobError> {
+        let SourceSpec::Files(files) = &bronze.source;
+        let path = substitute(&files.path, &self.vars).map_err(|m| JobError::config(&self.file_label, Some(self.line_of(bronze.table.span().start)), m))?;
+        let root = medallion_engine::location::parse_location(&path)?;
+        let format = match files.format {
+            FormatSpec::Csv => FileFormat::Csv,
+            FormatSpec::Jsonl => FileFormat::JsonLines,
+            FormatSpec::Json => FileFormat::JsonDocument {
+                explode: files.explode.as_ref().map(|e| Explode {
+                    field: e.field.clone(),
+                    key_column: e.key_column.clone(),
+                    value_column: e.value_column.clone(),
+                }),
+            },
+        };
+        Ok(FilesSource::new(root, format, files.columns.clone()).with_extensions(files.extensions.clone()))
+    }
+
+    /// Target size of data files, in bytes.
+    pub fn target_file_size(&self) -> u64 {
+        self.spec
+            .lake
+            .target_file_size_mb
+            .map_or(medallion_engine::ops::DEFAULT_TARGET_FILE_SIZE.get(), |mb| mb.max(1) * 1024 * 1024)
+    }
+}
+
+impl PipelineSpec {
+    fn sql_files(&self) -> Vec<String> {
+        self.silver.iter().map(|s| s.sql.clone()).chain(self.gold.iter().map(|g| g.sql.clone())).collect()
+    }
+}
+
+fn parse_spec(text: &str, label: &str) -> Result<PipelineSpec, JobError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        JobError::config(label, line, e.message().to_string())
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(1, |t| t.matches('\n').count() + 1)
+}
+
+/// Replaces every `${name}` in `s` by its variable.
+fn substitute(s: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| format!("unterminated variable in '{s}'"))?;
+        let name = &after[..end];
+        let value = vars.get(name).ok_or_else(|| format!("'{s}' uses undeclared variable '{name}'"))?;
+        out.push_str(value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Parses `name=value` as given to `--var`.
+pub fn parse_var(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected name=value, got '{s}'"))?;
+    if k.trim().is_empty() {
+        return Err(format!("empty variable name in '{s}'"));
+    }
+    Ok((k.trim().to_string(), v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitutes_declared_variables_only() {
+        let vars = BTreeMap::from([("lake".to_string(), "s3://b/p".to_string())]);
+        assert_eq!(substitute("${lake}/x", &vars).as_deref(), Ok("s3://b/p/x"));
+        assert!(substitute("${nope}/x", &vars).is_err());
+        assert!(substitute("${lake", &vars).is_err());
+    }
+
+    #[test]
+    fn the_builtin_pipeline_parses() -> Result<(), JobError> {
+        let p = Pipeline::load("commerce", &[("lake".into(), "/tmp/l".into())])?;
+        assert_eq!(p.name(), "commerce");
+        assert_eq!(p.lake.as_str(), "file:///tmp/l/");
+        Ok(())
+    }
+}

@@ -1,0 +1,215 @@
+//! Bronze: append every landed file not yet ingested, exactly once.
+//!
+//! Two phases. First every table's new files are read and staged as data files that no
+//! reader sees, with the intent (`pending`: the files and the sequence number) recorded in
+//! the state store. Then each table commits its staged files with the transaction id
+//! `(…/bronze/<table>, seq)` and the state moves the files to `ingested`. A file that cannot
+//! be read fails the first phase, so every table stays as it was. A crash between a commit
+//! and its state write is healed by the next run, which finds the transaction in the table.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, Date32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use medallion_connectors::files::{FilesSource, LandedFile};
+use medallion_connectors::state::{get_typed, put_typed};
+use medallion_engine::ops::{AppendBuilder, StagedAppend};
+use medallion_engine::table;
+use serde::{Deserialize, Serialize};
+
+use super::{Layer, RunContext, elapsed_ms};
+use crate::error::JobError;
+use crate::pipeline::BronzeSpec;
+use crate::summary::TableSummary;
+
+/// Bronze metadata columns added to every source row.
+pub const INGEST_TS: &str = "_ingest_ts";
+pub const INGEST_DATE: &str = "_ingest_date";
+pub const SOURCE: &str = "_source";
+pub const RUN_ID: &str = "_run_id";
+
+/// The schema of a bronze table: the source's columns, then the ingest metadata.
+pub(crate) fn bronze_schema(source: &FilesSource) -> SchemaRef {
+    let mut fields: Vec<Field> = source.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.extend([
+        Field::new(INGEST_TS, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(SOURCE, DataType::Utf8, false),
+        Field::new(RUN_ID, DataType::Utf8, false),
+        Field::new(INGEST_DATE, DataType::Date32, false),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct BronzeState {
+    /// Sequence number of the last committed ingest.
+    seq: i64,
+    /// Locations of every file committed so far.
+    ingested: BTreeSet<String>,
+    /// An ingest staged but not known to be committed.
+    pending: Option<PendingIngest>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PendingIngest {
+    seq: i64,
+    files: Vec<String>,
+}
+
+struct Staged {
+    spec_table: String,
+    summary: TableSummary,
+    started: Instant,
+    staged: StagedAppend,
+    state: BronzeState,
+    state_version: Option<u64>,
+    seq: i64,
+    files: Vec<String>,
+}
+
+pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Result<(), JobError> {
+    let mut staged = Vec::new();
+    for spec in &run.pipeline.spec.bronze {
+        let name = spec.table.get_ref().clone();
+        match stage_table(run, spec).await.map_err(|e| e.in_table("bronze", &name))? {
+            Ok(s) => staged.push(s),
+            Err(summary) => out.push(summary),
+        }
+    }
+    for s in staged {
+        let name = s.spec_table.clone();
+        out.push(commit_table(run, s).await.map_err(|e| e.in_table("bronze", &name))?);
+    }
+    Ok(())
+}
+
+/// Reads and stages one table's new files; `Err(summary)` when there is nothing to ingest.
+async fn stage_table(run: &RunContext<'_>, spec: &BronzeSpec) -> Result<Result<Staged, TableSummary>, JobError> {
+    let started = Instant::now();
+    let name = spec.table.get_ref().clone();
+    let url = run.pipeline.table_url("bronze", &name)?;
+    let key = run.state_key(Layer::Bronze, &name);
+    let (mut state, mut version) = get_typed::<BronzeState>(run.state(), &key).await?;
+    if let Some(pending) = state.pending.take() {
+        let txn = run.transaction(Layer::Bronze, &name, pending.seq);
+        let committed = match table::open_table(&url).await? {
+            Some(t) => txn.is_committed(&t).await?,
+            None => false,
+        };
+        if committed {
+            tracing::info!(table = name, seq = pending.seq, "found the ingest of an interrupted run committed");
+            state.ingested.extend(pending.files);
+            state.seq = pending.seq;
+        }
+        version = Some(put_typed(run.state(), &key, &state, version).await?);
+    }
+
+    let source = run.pipeline.files_source(spec)?;
+    let new_files: Vec<LandedFile> = source
+        .list()
+        .await?
+        .into_iter()
+        .filter(|f| !state.ingested.contains(&f.location))
+        .collect();
+    let mut summary = TableSummary {
+        layer: "bronze".into(),
+        table: name.clone(),
+        ..TableSummary::default()
+    };
+    if new_files.is_empty() {
+        summary.skipped = Some("no new files".into());
+        summary.duration_ms = elapsed_ms(started);
+        return Ok(Err(summary));
+    }
+
+    let seq = state.seq + 1;
+    let files: Vec<String> = new_files.iter().map(|f| f.location.clone()).collect();
+    state.pending = Some(PendingIngest { seq, files: files.clone() });
+    let state_version = Some(put_typed(run.state(), &key, &state, version).await?);
+
+    let schema = bronze_schema(&source);
+    let mut staged = AppendBuilder::new(url, Arc::clone(&schema))
+        .with_partition_columns([INGEST_DATE])
+        .with_target_file_size(run.pipeline.target_file_size())
+        .stage()?;
+    let metadata = IngestMetadata {
+        ingest_ts: run.started_at.timestamp_micros(),
+        ingest_date: i32::try_from((run.started_at.date_naive() - chrono::NaiveDate::default()).num_days()).unwrap_or(0),
+        source: format!("files:{name}"),
+        run_id: run.options.run_id.clone(),
+    };
+    let bar = run.progress(Layer::Bronze, &name);
+    for (i, file) in new_files.iter().enumerate() {
+        bar.set_message(format!("file {}/{}: {}", i + 1, new_files.len(), file.location));
+        let batches = source.read(file).await?;
+        for batch in batches {
+            summary.rows_read += batch.num_rows() as u64;
+            staged.write(metadata.attach(&batch, &schema)?).await?;
+        }
+        summary.files_read += 1;
+        summary.bytes_read += file.size;
+    }
+    bar.finish_and_clear();
+    Ok(Ok(Staged {
+        spec_table: name,
+        summary,
+        started,
+        staged,
+        state,
+        state_version,
+        seq,
+        files,
+    }))
+}
+
+async fn commit_table(run: &RunContext<'_>, s: Staged) -> Result<TableSummary, JobError> {
+    let Staged {
+        spec_table,
+        mut summary,
+        started,
+        staged,
+        mut state,
+        state_version,
+        seq,
+        files,
+    } = s;
+    let txn = run.transaction(Layer::Bronze, &spec_table, seq);
+    let metrics = staged.commit(Some(&txn)).await?;
+    state.ingested.extend(files);
+    state.seq = seq;
+    state.pending = None;
+    put_typed(run.state(), &run.state_key(Layer::Bronze, &spec_table), &state, state_version).await?;
+    summary.rows_written = metrics.rows_inserted;
+    summary.files_written = metrics.files_added;
+    summary.delta_version = metrics.version;
+    if let Some(t) = table::open_table(&run.pipeline.table_url("bronze", &spec_table)?).await? {
+        summary.table_bytes = table::data_files(&t).0;
+    }
+    if metrics.already_committed {
+        summary.skipped = Some("already committed by an interrupted run".into());
+    }
+    summary.duration_ms = elapsed_ms(started);
+    tracing::info!(table = spec_table, rows = summary.rows_written, files = summary.files_read, version = ?summary.delta_version, "bronze committed");
+    Ok(summary)
+}
+
+struct IngestMetadata {
+    ingest_ts: i64,
+    ingest_date: i32,
+    source: String,
+    run_id: String,
+}
+
+impl IngestMetadata {
+    fn attach(&self, batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, JobError> {
+        let n = batch.num_rows();
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        columns.push(Arc::new(TimestampMicrosecondArray::from_value(self.ingest_ts, n).with_timezone("UTC")));
+        columns.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(&self.source, n))));
+        columns.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(&self.run_id, n))));
+        columns.push(Arc::new(Date32Array::from_value(self.ingest_date, n)));
+        RecordBatch::try_new(Arc::clone(schema), columns).map_err(|e| JobError::DataFusion(e.into()))
+    }
+}

@@ -1,0 +1,181 @@
+//! The layer runners.
+//!
+//! ```text
+//!   landed files ──bronze──► bronze.<t> (append, txn per ingest)
+//!                              │ rows with _ingest_ts in (watermark, upper]
+//!                           silver: rules ─► <t>_quarantine (append, txn)
+//!                                   │ valid ─► SQL ─► dedup by key ─► MERGE silver.<t> (txn)
+//!                           gold: SQL models over silver ─► overwrite gold.<t> (txn)
+//! ```
+//!
+//! Every write carries a Delta transaction id `(medallion/<pipeline>/<layer>/<table>, seq)`
+//! and every step records its intent (`pending`) in the state store before writing, so a
+//! crash at any point is followed by a rerun that either finds the commit made or makes it
+//! once.
+
+pub(crate) mod bronze;
+mod gold;
+pub(crate) mod silver;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::prelude::SessionContext;
+use indicatif::{ProgressBar, ProgressStyle};
+use medallion_connectors::state::StateStore;
+use medallion_engine::ops::AppTransaction;
+use medallion_engine::session::{self, SessionOptions};
+use medallion_engine::table;
+use serde::Serialize;
+
+use crate::error::{JobError, exit_code};
+use crate::pipeline::Pipeline;
+use crate::summary::{RunStatus, RunSummary, TableSummary};
+
+/// The three layers, in the order a full run takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layer {
+    Bronze,
+    Silver,
+    Gold,
+}
+
+impl Layer {
+    pub const ALL: [Layer; 3] = [Layer::Bronze, Layer::Silver, Layer::Gold];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::Bronze => "bronze",
+            Layer::Silver => "silver",
+            Layer::Gold => "gold",
+        }
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub layers: Vec<Layer>,
+    pub run_id: String,
+    pub state: Arc<dyn StateStore>,
+    /// Show spinners on stderr (when it is a terminal).
+    pub progress: bool,
+    pub session: SessionOptions,
+}
+
+/// What a run shares across its layers.
+pub(crate) struct RunContext<'a> {
+    pub pipeline: &'a Pipeline,
+    pub ctx: SessionContext,
+    pub options: &'a RunOptions,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl RunContext<'_> {
+    pub fn state(&self) -> &dyn StateStore {
+        self.options.state.as_ref()
+    }
+
+    pub fn state_key(&self, layer: Layer, table: &str) -> String {
+        format!("{}/{}/{}", self.pipeline.name(), layer.as_str(), table)
+    }
+
+    pub fn transaction(&self, layer: Layer, table: &str, seq: i64) -> AppTransaction {
+        AppTransaction::new(format!("medallion/{}/{}/{}", self.pipeline.name(), layer.as_str(), table), seq)
+    }
+
+    pub fn progress(&self, layer: Layer, table: &str) -> ProgressBar {
+        if !self.options.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new_spinner();
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg} {elapsed}") {
+            bar.set_style(style);
+        }
+        bar.set_prefix(format!("{} {}", layer.as_str(), table));
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    }
+
+    /// (Re-)registers every table of the lake that exists, so queries see latest versions.
+    pub async fn register_tables(&self) -> Result<(), JobError> {
+        let p = &self.pipeline.spec;
+        let names = p
+            .bronze
+            .iter()
+            .map(|b| (Layer::Bronze, b.table.get_ref().clone()))
+            .chain(p.silver.iter().flat_map(|s| [(Layer::Silver, s.table.get_ref().clone()), (Layer::Silver, s.quarantine_table())]))
+            .chain(p.gold.iter().filter(|g| g.kind == crate::pipeline::GoldKind::Table).map(|g| (Layer::Gold, g.table.get_ref().clone())));
+        for (layer, name) in names {
+            let url = self.pipeline.table_url(layer.as_str(), &name)?;
+            if let Some(t) = table::open_table(&url).await? {
+                table::register_table(&self.ctx, layer.as_str(), &name, &t).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs the chosen layers of `pipeline` in order. Always returns a summary; the error, if
+/// any, is also recorded in it.
+pub async fn run_pipeline(pipeline: &Pipeline, options: &RunOptions) -> (RunSummary, Result<(), JobError>) {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now();
+    let mut tables = Vec::new();
+    let result = run_layers(pipeline, options, started_at, &mut tables).await;
+    let (status, code, error) = match &result {
+        Ok(()) => (RunStatus::Succeeded, exit_code::SUCCESS, None),
+        Err(e) => (RunStatus::Failed, e.exit_code(), Some(e.to_string())),
+    };
+    let summary = RunSummary {
+        pipeline: pipeline.name().to_string(),
+        run_id: options.run_id.clone(),
+        status,
+        exit_code: code,
+        error,
+        started_at: started_at.to_rfc3339(),
+        duration_ms: elapsed_ms(started),
+        layers: options.layers.iter().map(|l| l.as_str().to_string()).collect(),
+        tables,
+    };
+    let record_key = format!("{}/runs/{}", pipeline.name(), options.run_id);
+    let record = serde_json::to_value(&summary).unwrap_or_default();
+    if let Err(e) = options.state.put(&record_key, record, None).await {
+        tracing::warn!(error = %e, key = record_key, "could not record the run");
+    }
+    (summary, result)
+}
+
+async fn run_layers(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    started_at: chrono::DateTime<chrono::Utc>,
+    tables: &mut Vec<TableSummary>,
+) -> Result<(), JobError> {
+    // Bad configuration fails here, before anything is read or written.
+    crate::validate::validate(pipeline).await?;
+    let ctx = session::new_session(&options.session)?;
+    let run = RunContext {
+        pipeline,
+        ctx,
+        options,
+        started_at,
+    };
+    for layer in Layer::ALL.into_iter().filter(|l| options.layers.contains(l)) {
+        tracing::info!(layer = layer.as_str(), run_id = options.run_id, "layer started");
+        match layer {
+            Layer::Bronze => bronze::run(&run, tables).await?,
+            Layer::Silver => silver::run(&run, tables).await?,
+            Layer::Gold => gold::run(&run, tables).await?,
+        }
+    }
+    Ok(())
+}
+
+pub(crate) use bronze::bronze_schema as bronze_schema_for;
+pub(crate) use silver as silver_input;

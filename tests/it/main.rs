@@ -1,0 +1,6 @@
+//! End-to-end tests of medallion: one binary, a module per area.
+
+mod bad_input;
+mod handmade;
+mod invariants;
+mod validate;

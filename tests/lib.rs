@@ -1,0 +1,237 @@
+//! Helpers shared by the end-to-end tests: temporary lakes, pipeline runs through the
+//! library and through the `medallion` binary, and table snapshots as sorted text rows.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use medallion_connectors::state::LocalFileStateStore;
+use medallion_jobs::JobError;
+use medallion_jobs::pipeline::Pipeline;
+use medallion_jobs::run::{Layer, RunOptions, run_pipeline};
+use medallion_jobs::summary::RunSummary;
+
+pub use medallion_jobs::run::Layer as RunLayer;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The commerce pipeline folder (tests load it from disk, as a user would).
+pub fn commerce_dir() -> PathBuf {
+    workspace_root().join("pipelines").join("commerce")
+}
+
+/// A hand-made fixture under `tests/data/`.
+pub fn fixture(name: &str) -> PathBuf {
+    workspace_root().join("tests").join("data").join(name)
+}
+
+/// The `medallion` binary built beside this test binary (`cargo build --bin medallion`
+/// puts it in the same target directory; the test command builds it first).
+pub fn medallion_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MEDALLION_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/it-<hash> -> target/debug/medallion
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("medallion")).unwrap_or_default();
+    assert!(bin.exists(), "the medallion binary is not built at {}: run `cargo build --bin medallion` first", bin.display());
+    bin
+}
+
+/// A scratch folder with `landing/` and `lake/` inside.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().expect("temporary folder") }
+    }
+    pub fn landing(&self) -> PathBuf {
+        self.dir.path().join("landing")
+    }
+    pub fn lake(&self) -> PathBuf {
+        self.dir.path().join("lake")
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Loads the commerce pipeline from its folder with `landing` and `lake` set.
+pub fn commerce(landing: &Path, lake: &Path) -> Pipeline {
+    Pipeline::load(
+        commerce_dir().to_str().unwrap_or_default(),
+        &[
+            ("landing".to_string(), landing.display().to_string()),
+            ("lake".to_string(), lake.display().to_string()),
+        ],
+    )
+    .expect("commerce pipeline loads")
+}
+
+/// Runs `layers` of commerce over `landing` into `lake` with the local state store.
+pub async fn run_commerce(landing: &Path, lake: &Path, layers: &[Layer]) -> (RunSummary, Result<(), JobError>) {
+    let pipeline = commerce(landing, lake);
+    let options = RunOptions {
+        layers: layers.to_vec(),
+        run_id: format!("test-{}", uuid_like()),
+        state: Arc::new(LocalFileStateStore::new(lake.join("_medallion_state"))),
+        progress: false,
+        session: medallion_engine::session::SessionOptions {
+            target_partitions: Some(2),
+            ..Default::default()
+        },
+    };
+    run_pipeline(&pipeline, &options).await
+}
+
+/// Runs all layers and panics with the error if the run fails.
+pub async fn run_all_ok(landing: &Path, lake: &Path) -> RunSummary {
+    let (summary, result) = run_commerce(landing, lake, &Layer::ALL).await;
+    if let Err(e) = result {
+        panic!("run failed: {e}\n{}", summary.to_json_line());
+    }
+    summary
+}
+
+fn uuid_like() -> String {
+    format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0))
+}
+
+/// Rows of `<lake>/<layer>/<table>` as sorted text lines of `SELECT <columns>`, `None`
+/// when the table does not exist.
+pub async fn table_lines(lake: &Path, layer: &str, table: &str, columns: &str) -> Option<Vec<String>> {
+    let lake_url = medallion_engine::location::parse_location(lake.to_str()?).ok()?;
+    let url = medallion_engine::location::table_url(&lake_url, layer, table).ok()?;
+    let t = medallion_engine::table::open_table(&url).await.expect("open table")?;
+    let ctx = medallion_engine::session::new_session(&Default::default()).expect("session");
+    medallion_engine::table::register_table(&ctx, layer, table, &t).await.expect("register");
+    let batches = ctx
+        .sql(&format!("SELECT {columns} FROM {layer}.{table}"))
+        .await
+        .expect("query plans")
+        .collect()
+        .await
+        .expect("query runs");
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches).expect("format").to_string();
+    let mut lines: Vec<String> = text.lines().filter(|l| l.starts_with('|')).skip(1).map(str::to_string).collect();
+    lines.sort();
+    Some(lines)
+}
+
+/// Number of rows of a table (0 when absent).
+pub async fn count(lake: &Path, layer: &str, table: &str) -> u64 {
+    table_lines(lake, layer, table, "1 AS one").await.map_or(0, |l| l.len() as u64)
+}
+
+/// Every gold table of commerce as sorted text rows.
+pub async fn gold_snapshot(lake: &Path) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for t in ["daily_sales", "customer_360", "daily_engagement"] {
+        out.insert(t.to_string(), table_lines(lake, "gold", t, "*").await.unwrap_or_default());
+    }
+    out
+}
+
+/// Delta versions of every table under `<lake>/<layer>/`.
+pub async fn versions(lake: &Path) -> BTreeMap<String, Option<u64>> {
+    let mut out = BTreeMap::new();
+    for layer in ["bronze", "silver", "gold"] {
+        let Ok(entries) = std::fs::read_dir(lake.join(layer)) else { continue };
+        for e in entries.flatten() {
+            let url = medallion_engine::location::parse_location(e.path().to_str().unwrap_or_default()).expect("url");
+            let v = medallion_engine::table::open_table(&url).await.expect("open").and_then(|t| t.version());
+            out.insert(format!("{layer}/{}", e.file_name().to_string_lossy()), v);
+        }
+    }
+    out
+}
+
+/// Copies `<src>/<entity>/<batch>/` to `<dst>/<entity>/<batch>/` for every entity.
+pub fn land_batch(src: &Path, dst: &Path, batch: &str) {
+    for entity in std::fs::read_dir(src).expect("landing").flatten() {
+        let from = entity.path().join(batch);
+        if !from.is_dir() {
+            continue;
+        }
+        let to = dst.join(entity.file_name()).join(batch);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for f in std::fs::read_dir(&from).expect("batch").flatten() {
+            std::fs::copy(f.path(), to.join(f.file_name())).expect("copy");
+        }
+    }
+}
+
+/// Copies a whole folder tree.
+pub fn copy_tree(src: &Path, dst: &Path) {
+    for e in std::fs::read_dir(src).expect("read").flatten() {
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            std::fs::create_dir_all(&to).expect("mkdir");
+            copy_tree(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).expect("copy");
+        }
+    }
+}
+
+/// A session with every table of `lake` registered as `<layer>.<table>`.
+pub async fn lake_session(lake: &Path) -> datafusion::prelude::SessionContext {
+    let ctx = medallion_engine::session::new_session(&Default::default()).expect("session");
+    for layer in ["bronze", "silver", "gold"] {
+        let Ok(entries) = std::fs::read_dir(lake.join(layer)) else { continue };
+        for e in entries.flatten() {
+            let url = medallion_engine::location::parse_location(e.path().to_str().unwrap_or_default()).expect("url");
+            if let Some(t) = medallion_engine::table::open_table(&url).await.expect("open") {
+                medallion_engine::table::register_table(&ctx, layer, &e.file_name().to_string_lossy(), &t).await.expect("register");
+            }
+        }
+    }
+    ctx
+}
+
+/// The single integer a query returns.
+pub async fn scalar(ctx: &datafusion::prelude::SessionContext, sql: &str) -> i64 {
+    let batches = ctx.sql(sql).await.expect("plans").collect().await.expect("runs");
+    let v = datafusion::common::ScalarValue::try_from_array(batches[0].column(0), 0).expect("value");
+    match v {
+        datafusion::common::ScalarValue::Int64(Some(n)) => n,
+        other => panic!("{sql} returned {other:?}"),
+    }
+}
+
+/// Runs the `medallion` binary; when this process is root, without the capabilities that
+/// let root read any file, so that a file without read permission is unreadable to it too.
+pub fn medallion(args: &[&str]) -> std::process::Output {
+    let bin = medallion_bin();
+    let mut cmd = if is_root() {
+        let mut c = std::process::Command::new("setpriv");
+        c.arg("--bounding-set=-dac_override,-dac_read_search").arg(&bin);
+        c
+    } else {
+        std::process::Command::new(&bin)
+    };
+    cmd.args(args).env("MEDALLION_LOG", "warn").output().expect("medallion runs")
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The last line of a command's stdout, parsed as the run summary JSON.
+pub fn summary_of(output: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&output.stderr)))
+}
