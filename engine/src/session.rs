@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use deltalake::delta_datafusion::planner::DeltaPlanner;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::Result;
@@ -39,7 +41,15 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
         config.options_mut().set(key, value)?;
     }
     let runtime = RuntimeEnvBuilder::new().build_arc()?;
-    let mut ctx = SessionContext::new_with_config_rt(config, runtime);
+    // Delta's planner: writes, MERGE and overwrite plan their own nodes with this session, so
+    // the tables, functions and settings of a run stay the same from read to commit.
+    let state = SessionStateBuilder::new()
+        .with_default_features()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_query_planner(DeltaPlanner::new())
+        .build();
+    let mut ctx = SessionContext::new_with_state(state);
     datafusion_functions_json::register_all(&mut ctx)?;
     ctx.register_udf(udf::parse_timestamp_udf());
     let catalog = ctx

@@ -41,6 +41,18 @@ pub async fn register_table(
     Ok(())
 }
 
+/// Makes sure a new table can be created at `url`: delta-rs refuses a local folder that
+/// does not exist yet, while object stores have no folders to make.
+pub(crate) fn ensure_location(url: &Url) -> Result<()> {
+    if let Some(path) = crate::location::local_path(url) {
+        std::fs::create_dir_all(&path).map_err(|e| EngineError::InvalidLocation {
+            location: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
 /// The loaded version of `table`, if it has one.
 pub fn version(table: &DeltaTable) -> Option<u64> {
     table.version()

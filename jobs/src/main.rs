@@ -74,7 +74,8 @@ enum Command {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MEDALLION_LOG").unwrap_or_else(|_| EnvFilter::new("info,datafusion=warn,deltalake=warn"));
+    // The Delta kernel logs a missing table as an error; its real failures reach us as errors.
+    let filter = EnvFilter::try_from_env("MEDALLION_LOG").unwrap_or_else(|_| EnvFilter::new("warn,buoyant_kernel=off,medallion=info,medallion_jobs=info,medallion_engine=info,medallion_connectors=info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         builder.compact().init();

@@ -113,7 +113,7 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
             }
             Err(e) => c.at(at, format!("silver table '{name}': {e}")),
             Ok(rules) => {
-                if let Err(e) = rules.check_plans(&input) {
+                if let Err(e) = rules.check_plans(&ctx, &input).await {
                     let offset = match &e {
                         QualityError::InvalidRule { rule, .. } => s.rules.iter().find(|r| r.get_ref().name == *rule).map_or(at, |r| r.span().start),
                         _ => at,

@@ -14,18 +14,17 @@
 //! [`MALFORMED_RULE`] before any declared rule.
 //!
 //! ```no_run
-//! # async fn demo(df: datafusion::prelude::DataFrame) -> Result<(), medallion_quality::QualityError> {
+//! # async fn demo(ctx: datafusion::prelude::SessionContext, df: datafusion::prelude::DataFrame) -> Result<(), medallion_quality::QualityError> {
 //! use medallion_quality::{Action, Rule, RuleSet};
 //! let rules = RuleSet::new(vec![Rule::new("id_present", "id IS NOT NULL AND trim(id) <> ''", Action::Quarantine)])?;
-//! let checked = rules.apply(df, Some("_corrupt_record"))?;
-//! let results = rules.results(&checked).await?;
+//! let checked = rules.apply(&ctx, df, Some("_corrupt_record")).await?;
+//! let results = rules.results(&ctx, &checked).await?;
 //! # let _ = results; Ok(()) }
 //! ```
 
 use datafusion::common::ScalarValue;
 use datafusion::error::DataFusionError;
-use datafusion::logical_expr::{Expr, lit, when};
-use datafusion::prelude::{DataFrame, coalesce, col};
+use datafusion::prelude::{DataFrame, SessionContext};
 use serde::{Deserialize, Serialize};
 
 /// Column naming the rule a row failed; null for rows that passed.
@@ -120,65 +119,73 @@ impl RuleSet {
         &self.rules
     }
 
-    fn check_expr(df: &DataFrame, rule: &Rule) -> Result<Expr, QualityError> {
-        let expr = df.parse_sql_expr(&rule.check).map_err(|source| QualityError::InvalidRule {
-            rule: rule.name.clone(),
-            source,
-        })?;
-        Ok(expr)
+    /// Registers `df` under a private name for the statements below.
+    fn register(ctx: &SessionContext, name: &str, df: DataFrame) -> Result<(), QualityError> {
+        ctx.deregister_table(name)?;
+        ctx.register_table(name, df.into_view())?;
+        Ok(())
     }
 
-    fn failed(df: &DataFrame, rule: &Rule) -> Result<Expr, QualityError> {
-        Ok(!coalesce(vec![Self::check_expr(df, rule)?, lit(false)]))
+    /// `NOT coalesce((check), false)`: true for rows that fail `rule`.
+    fn failed_sql(rule: &Rule) -> String {
+        format!("NOT coalesce(({}), false)", rule.check)
     }
 
-    /// Plans every rule against `df`'s columns without running anything.
-    pub fn check_plans(&self, df: &DataFrame) -> Result<(), QualityError> {
-        self.apply(df.clone(), None).map(|_| ())
+    /// Plans every rule against `df`'s columns (and the tables of `ctx`, which a rule may
+    /// read in a subquery) without running anything.
+    pub async fn check_plans(&self, ctx: &SessionContext, df: &DataFrame) -> Result<(), QualityError> {
+        Self::register(ctx, RULES_INPUT, df.clone())?;
+        for rule in &self.rules {
+            ctx.sql(&format!("SELECT {} AS failed FROM {RULES_INPUT}", Self::failed_sql(rule)))
+                .await
+                .map_err(|source| QualityError::InvalidRule {
+                    rule: rule.name.clone(),
+                    source,
+                })?;
+        }
+        ctx.deregister_table(RULES_INPUT)?;
+        Ok(())
     }
 
     /// Adds [`DQ_RULE_COLUMN`]: the first quarantine or fail rule the row fails, in declared
-    /// order, after the built-in malformed-input rule on `corrupt_column`.
-    pub fn apply(&self, df: DataFrame, corrupt_column: Option<&str>) -> Result<DataFrame, QualityError> {
-        let mut branches: Vec<(Expr, Expr)> = Vec::new();
+    /// order, after the built-in malformed-input rule on `corrupt_column`. Rules are SQL over
+    /// the columns of `df` and may read any table of `ctx`.
+    pub async fn apply(&self, ctx: &SessionContext, df: DataFrame, corrupt_column: Option<&str>) -> Result<DataFrame, QualityError> {
+        self.check_plans(ctx, &df).await?;
+        let mut branches: Vec<String> = Vec::new();
         if let Some(c) = corrupt_column {
-            branches.push((col(c).is_not_null(), lit(MALFORMED_RULE)));
+            branches.push(format!("WHEN {} IS NOT NULL THEN {}", quote_ident(c), quote_literal(MALFORMED_RULE)));
         }
         for rule in self.rules.iter().filter(|r| r.action != Action::Warn) {
-            branches.push((Self::failed(&df, rule)?, lit(rule.name.as_str())));
+            branches.push(format!("WHEN {} THEN {}", Self::failed_sql(rule), quote_literal(&rule.name)));
         }
-        // Also plan warn rules, so a broken one fails here rather than mid-run.
-        for rule in self.rules.iter().filter(|r| r.action == Action::Warn) {
-            Self::check_expr(&df, rule)?;
-        }
-        let dq = match branches.split_first() {
-            None => lit(ScalarValue::Utf8(None)),
-            Some(((first_when, first_then), rest)) => {
-                let mut builder = when(first_when.clone(), first_then.clone());
-                for (w, t) in rest {
-                    builder = builder.when(w.clone(), t.clone());
-                }
-                builder.otherwise(lit(ScalarValue::Utf8(None)))?
-            }
+        let dq = if branches.is_empty() {
+            "CAST(NULL AS VARCHAR)".to_string()
+        } else {
+            format!("CASE {} ELSE CAST(NULL AS VARCHAR) END", branches.join(" "))
         };
-        Ok(df.with_column(DQ_RULE_COLUMN, dq)?)
+        Self::register(ctx, RULES_INPUT, df)?;
+        let checked = ctx.sql(&format!("SELECT *, {dq} AS {DQ_RULE_COLUMN} FROM {RULES_INPUT}")).await?;
+        ctx.deregister_table(RULES_INPUT)?;
+        Ok(checked)
     }
 
     /// Counts, in one pass over `checked` (the output of [`RuleSet::apply`]), the rows each
     /// rule caught. Warn rules count every failing row, quarantined or not.
-    pub async fn results(&self, checked: &DataFrame) -> Result<Vec<RuleResult>, QualityError> {
+    pub async fn results(&self, ctx: &SessionContext, checked: &DataFrame) -> Result<Vec<RuleResult>, QualityError> {
         let mut names: Vec<(String, Action)> = vec![(MALFORMED_RULE.to_string(), Action::Quarantine)];
         names.extend(self.rules.iter().map(|r| (r.name.clone(), r.action)));
-        let mut aggregates = Vec::new();
+        let mut sums = Vec::new();
         for (i, (name, action)) in names.iter().enumerate() {
             let failed = match (i, action) {
-                (0, _) | (_, Action::Quarantine | Action::Fail) => col(DQ_RULE_COLUMN).eq(lit(name.as_str())),
-                (_, Action::Warn) => Self::failed(checked, &self.rules[i - 1])?,
+                (0, _) | (_, Action::Quarantine | Action::Fail) => format!("{DQ_RULE_COLUMN} = {}", quote_literal(name)),
+                (_, Action::Warn) => Self::failed_sql(&self.rules[i - 1]),
             };
-            let as_int = when(failed, lit(1i64)).otherwise(lit(0i64))?;
-            aggregates.push(datafusion::functions_aggregate::expr_fn::sum(as_int).alias(format!("r{i}")));
+            sums.push(format!("CAST(coalesce(sum(CASE WHEN {failed} THEN 1 ELSE 0 END), 0) AS BIGINT) AS r{i}"));
         }
-        let batches = checked.clone().aggregate(vec![], aggregates)?.collect().await?;
+        Self::register(ctx, RULES_INPUT, checked.clone())?;
+        let batches = ctx.sql(&format!("SELECT {} FROM {RULES_INPUT}", sums.join(", "))).await?.collect().await?;
+        ctx.deregister_table(RULES_INPUT)?;
         let mut results = Vec::with_capacity(names.len());
         for (i, (rule, action)) in names.into_iter().enumerate() {
             let failed_rows = batches
@@ -194,4 +201,15 @@ impl RuleSet {
         }
         Ok(results)
     }
+}
+
+/// The name the rows being checked are registered under while rules are planned.
+const RULES_INPUT: &str = "__medallion_rules_input";
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
 }

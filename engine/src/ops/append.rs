@@ -158,6 +158,7 @@ pub(crate) async fn create_table(url: &Url, schema: &SchemaRef, partition_column
         .as_ref()
         .try_into_kernel()
         .map_err(|e| EngineError::delta(url, e.into()))?;
+    table::ensure_location(url)?;
     let table = DeltaTable::try_from_url(url.clone())
         .await
         .map_err(|e| EngineError::delta(url, e))?;

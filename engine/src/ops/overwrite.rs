@@ -66,9 +66,12 @@ pub(crate) async fn write_dataframe(
 ) -> Result<CommitMetrics> {
     let table = match existing {
         Some(t) => t,
-        None => DeltaTable::try_from_url(url.clone())
-            .await
-            .map_err(|e| EngineError::delta(url, e))?,
+        None => {
+            table::ensure_location(url)?;
+            DeltaTable::try_from_url(url.clone())
+                .await
+                .map_err(|e| EngineError::delta(url, e))?
+        }
     };
     let (session_state, plan) = source.into_parts();
     let mut builder = table

@@ -67,6 +67,8 @@ pub struct RunOptions {
 /// What a run shares across its layers.
 pub(crate) struct RunContext<'a> {
     pub pipeline: &'a Pipeline,
+    /// Planned schemas of every table, for tables not written yet.
+    pub validated: crate::validate::Validated,
     pub ctx: SessionContext,
     pub options: &'a RunOptions,
     pub started_at: chrono::DateTime<chrono::Utc>,
@@ -109,8 +111,17 @@ impl RunContext<'_> {
             .chain(p.gold.iter().filter(|g| g.kind == crate::pipeline::GoldKind::Table).map(|g| (Layer::Gold, g.table.get_ref().clone())));
         for (layer, name) in names {
             let url = self.pipeline.table_url(layer.as_str(), &name)?;
-            if let Some(t) = table::open_table(&url).await? {
-                table::register_table(&self.ctx, layer.as_str(), &name, &t).await?;
+            match table::open_table(&url).await? {
+                Some(t) => table::register_table(&self.ctx, layer.as_str(), &name, &t).await?,
+                // Not written yet (no input so far): readers see it empty, with its planned schema.
+                None => {
+                    if let Some((_, _, schema)) = self.validated.tables.iter().find(|(l, n, _)| l == layer.as_str() && *n == name) {
+                        let empty = datafusion::datasource::MemTable::try_new(std::sync::Arc::clone(schema), vec![vec![]])?;
+                        let reference = datafusion::common::TableReference::partial(layer.as_str(), name.as_str());
+                        self.ctx.deregister_table(reference.clone())?;
+                        self.ctx.register_table(reference, std::sync::Arc::new(empty))?;
+                    }
+                }
             }
         }
         Ok(())
@@ -158,10 +169,11 @@ async fn run_layers(
     tables: &mut Vec<TableSummary>,
 ) -> Result<(), JobError> {
     // Bad configuration fails here, before anything is read or written.
-    crate::validate::validate(pipeline).await?;
+    let validated = crate::validate::validate(pipeline).await?;
     let ctx = session::new_session(&options.session)?;
     let run = RunContext {
         pipeline,
+        validated,
         ctx,
         options,
         started_at,

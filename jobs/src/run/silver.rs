@@ -119,10 +119,11 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     let batch = after_watermark(bronze)?.filter(col(INGEST_TS).lt_eq(ts_literal(upper)))?;
     let rules = RuleSet::new(spec.rules())?;
     let checked = rules
-        .apply(batch, Some(medallion_connectors::files::CORRUPT_RECORD))?
+        .apply(&run.ctx, batch, Some(medallion_connectors::files::CORRUPT_RECORD))
+        .await?
         .cache()
         .await?;
-    let results = rules.results(&checked).await?;
+    let results = rules.results(&run.ctx, &checked).await?;
     summary.rows_read = checked.clone().count().await? as u64;
     for r in &results {
         if r.action == Action::Fail && r.failed_rows > 0 {
