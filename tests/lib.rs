@@ -15,7 +15,10 @@ pub use medallion_jobs::run::Layer as RunLayer;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// The commerce pipeline folder (tests load it from disk, as a user would).
@@ -36,8 +39,16 @@ pub fn medallion_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap_or_default();
     // target/debug/deps/it-<hash> -> target/debug/medallion
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("medallion")).unwrap_or_default();
-    assert!(bin.exists(), "the medallion binary is not built at {}: run `cargo build --bin medallion` first", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("medallion"))
+        .unwrap_or_default();
+    assert!(
+        bin.exists(),
+        "the medallion binary is not built at {}: run `cargo build --bin medallion` first",
+        bin.display()
+    );
     bin
 }
 
@@ -48,7 +59,9 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().expect("temporary folder") }
+        Self {
+            dir: tempfile::tempdir().expect("temporary folder"),
+        }
     }
     pub fn landing(&self) -> PathBuf {
         self.dir.path().join("landing")
@@ -77,7 +90,11 @@ pub fn commerce(landing: &Path, lake: &Path) -> Pipeline {
 }
 
 /// Runs `layers` of commerce over `landing` into `lake` with the local state store.
-pub async fn run_commerce(landing: &Path, lake: &Path, layers: &[Layer]) -> (RunSummary, Result<(), JobError>) {
+pub async fn run_commerce(
+    landing: &Path,
+    lake: &Path,
+    layers: &[Layer],
+) -> (RunSummary, Result<(), JobError>) {
     let pipeline = commerce(landing, lake);
     let options = RunOptions {
         layers: layers.to_vec(),
@@ -102,17 +119,30 @@ pub async fn run_all_ok(landing: &Path, lake: &Path) -> RunSummary {
 }
 
 fn uuid_like() -> String {
-    format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    )
 }
 
-/// Rows of `<lake>/<layer>/<table>` as sorted text lines of `SELECT <columns>`, `None`
+/// Rows of `<lake>/<layer>/<table>` as sorted lines `a|b|c` of `SELECT <columns>`, `None`
 /// when the table does not exist.
-pub async fn table_lines(lake: &Path, layer: &str, table: &str, columns: &str) -> Option<Vec<String>> {
+pub async fn table_lines(
+    lake: &Path,
+    layer: &str,
+    table: &str,
+    columns: &str,
+) -> Option<Vec<String>> {
     let lake_url = medallion_engine::location::parse_location(lake.to_str()?).ok()?;
     let url = medallion_engine::location::table_url(&lake_url, layer, table).ok()?;
-    let t = medallion_engine::table::open_table(&url).await.expect("open table")?;
+    let t = medallion_engine::table::open_table(&url)
+        .await
+        .expect("open table")?;
     let ctx = medallion_engine::session::new_session(&Default::default()).expect("session");
-    medallion_engine::table::register_table(&ctx, layer, table, &t).await.expect("register");
+    medallion_engine::table::register_table(&ctx, layer, table, &t)
+        .await
+        .expect("register");
     let batches = ctx
         .sql(&format!("SELECT {columns} FROM {layer}.{table}"))
         .await
@@ -120,22 +150,41 @@ pub async fn table_lines(lake: &Path, layer: &str, table: &str, columns: &str) -
         .collect()
         .await
         .expect("query runs");
-    let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches).expect("format").to_string();
-    let mut lines: Vec<String> = text.lines().filter(|l| l.starts_with('|')).skip(1).map(str::to_string).collect();
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+        .expect("format")
+        .to_string();
+    // Cells trimmed and joined by `|`: rows compare by value, not by column width.
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .skip(1)
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect();
     lines.sort();
     Some(lines)
 }
 
 /// Number of rows of a table (0 when absent).
 pub async fn count(lake: &Path, layer: &str, table: &str) -> u64 {
-    table_lines(lake, layer, table, "1 AS one").await.map_or(0, |l| l.len() as u64)
+    table_lines(lake, layer, table, "1 AS one")
+        .await
+        .map_or(0, |l| l.len() as u64)
 }
 
 /// Every gold table of commerce as sorted text rows.
 pub async fn gold_snapshot(lake: &Path) -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
     for t in ["daily_sales", "customer_360", "daily_engagement"] {
-        out.insert(t.to_string(), table_lines(lake, "gold", t, "*").await.unwrap_or_default());
+        out.insert(
+            t.to_string(),
+            table_lines(lake, "gold", t, "*").await.unwrap_or_default(),
+        );
     }
     out
 }
@@ -144,10 +193,17 @@ pub async fn gold_snapshot(lake: &Path) -> BTreeMap<String, Vec<String>> {
 pub async fn versions(lake: &Path) -> BTreeMap<String, Option<u64>> {
     let mut out = BTreeMap::new();
     for layer in ["bronze", "silver", "gold"] {
-        let Ok(entries) = std::fs::read_dir(lake.join(layer)) else { continue };
+        let Ok(entries) = std::fs::read_dir(lake.join(layer)) else {
+            continue;
+        };
         for e in entries.flatten() {
-            let url = medallion_engine::location::parse_location(e.path().to_str().unwrap_or_default()).expect("url");
-            let v = medallion_engine::table::open_table(&url).await.expect("open").and_then(|t| t.version());
+            let url =
+                medallion_engine::location::parse_location(e.path().to_str().unwrap_or_default())
+                    .expect("url");
+            let v = medallion_engine::table::open_table(&url)
+                .await
+                .expect("open")
+                .and_then(|t| t.version());
             out.insert(format!("{layer}/{}", e.file_name().to_string_lossy()), v);
         }
     }
@@ -186,11 +242,25 @@ pub fn copy_tree(src: &Path, dst: &Path) {
 pub async fn lake_session(lake: &Path) -> datafusion::prelude::SessionContext {
     let ctx = medallion_engine::session::new_session(&Default::default()).expect("session");
     for layer in ["bronze", "silver", "gold"] {
-        let Ok(entries) = std::fs::read_dir(lake.join(layer)) else { continue };
+        let Ok(entries) = std::fs::read_dir(lake.join(layer)) else {
+            continue;
+        };
         for e in entries.flatten() {
-            let url = medallion_engine::location::parse_location(e.path().to_str().unwrap_or_default()).expect("url");
-            if let Some(t) = medallion_engine::table::open_table(&url).await.expect("open") {
-                medallion_engine::table::register_table(&ctx, layer, &e.file_name().to_string_lossy(), &t).await.expect("register");
+            let url =
+                medallion_engine::location::parse_location(e.path().to_str().unwrap_or_default())
+                    .expect("url");
+            if let Some(t) = medallion_engine::table::open_table(&url)
+                .await
+                .expect("open")
+            {
+                medallion_engine::table::register_table(
+                    &ctx,
+                    layer,
+                    &e.file_name().to_string_lossy(),
+                    &t,
+                )
+                .await
+                .expect("register");
             }
         }
     }
@@ -199,8 +269,15 @@ pub async fn lake_session(lake: &Path) -> datafusion::prelude::SessionContext {
 
 /// The single integer a query returns.
 pub async fn scalar(ctx: &datafusion::prelude::SessionContext, sql: &str) -> i64 {
-    let batches = ctx.sql(sql).await.expect("plans").collect().await.expect("runs");
-    let v = datafusion::common::ScalarValue::try_from_array(batches[0].column(0), 0).expect("value");
+    let batches = ctx
+        .sql(sql)
+        .await
+        .expect("plans")
+        .collect()
+        .await
+        .expect("runs");
+    let v =
+        datafusion::common::ScalarValue::try_from_array(batches[0].column(0), 0).expect("value");
     match v {
         datafusion::common::ScalarValue::Int64(Some(n)) => n,
         other => panic!("{sql} returned {other:?}"),
@@ -213,12 +290,16 @@ pub fn medallion(args: &[&str]) -> std::process::Output {
     let bin = medallion_bin();
     let mut cmd = if is_root() {
         let mut c = std::process::Command::new("setpriv");
-        c.arg("--bounding-set=-dac_override,-dac_read_search").arg(&bin);
+        c.arg("--bounding-set=-dac_override,-dac_read_search")
+            .arg(&bin);
         c
     } else {
         std::process::Command::new(&bin)
     };
-    cmd.args(args).env("MEDALLION_LOG", "warn").output().expect("medallion runs")
+    cmd.args(args)
+        .env("MEDALLION_LOG", "warn")
+        .output()
+        .expect("medallion runs")
 }
 
 fn is_root() -> bool {
@@ -233,5 +314,10 @@ fn is_root() -> bool {
 pub fn summary_of(output: &std::process::Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&output.stderr)))
+    serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "last stdout line is not JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
 }

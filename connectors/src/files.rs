@@ -13,8 +13,8 @@ use arrow::array::{ArrayRef, Int64Builder, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt as _};
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt as _};
 use url::Url;
 
 use crate::error::ConnectorError;
@@ -84,7 +84,11 @@ impl FilesSource {
     /// top-level fields kept beside an exploded object. A JSON-lines source always yields the
     /// single column `value`.
     pub fn new(root: Url, format: FileFormat, columns: Vec<String>) -> Self {
-        let extensions = format.default_extensions().iter().map(|s| (*s).to_string()).collect();
+        let extensions = format
+            .default_extensions()
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect();
         Self {
             root,
             format,
@@ -160,7 +164,12 @@ impl FilesSource {
                     .is_some_and(|ext| self.extensions.iter().any(|e| e == ext))
             })
             .filter_map(|m| {
-                let rel = m.location.as_ref().strip_prefix(prefix_str)?.trim_start_matches('/').to_string();
+                let rel = m
+                    .location
+                    .as_ref()
+                    .strip_prefix(prefix_str)?
+                    .trim_start_matches('/')
+                    .to_string();
                 let location = self.root.join(&rel).ok()?.to_string();
                 Some(LandedFile {
                     location,
@@ -205,7 +214,9 @@ impl FilesSource {
         match &self.format {
             FileFormat::Csv => parse_csv(bytes, &self.columns, &mut rows)?,
             FileFormat::JsonLines => parse_json_lines(bytes, &mut rows)?,
-            FileFormat::JsonDocument { explode } => parse_json_document(bytes, &self.columns, explode.as_ref(), &mut rows)?,
+            FileFormat::JsonDocument { explode } => {
+                parse_json_document(bytes, &self.columns, explode.as_ref(), &mut rows)?
+            }
         }
         rows.finish()
     }
@@ -236,7 +247,11 @@ impl RowsBuilder {
         }
     }
 
-    fn push<'a>(&mut self, values: impl IntoIterator<Item = Option<&'a str>>, line: u64) -> Result<(), ConnectorError> {
+    fn push<'a>(
+        &mut self,
+        values: impl IntoIterator<Item = Option<&'a str>>,
+        line: u64,
+    ) -> Result<(), ConnectorError> {
         for (builder, value) in self.data.iter_mut().zip(values) {
             builder.append_option(value);
         }
@@ -253,7 +268,8 @@ impl RowsBuilder {
     }
 
     fn end_row(&mut self, line: u64) -> Result<(), ConnectorError> {
-        self.lines.append_value(i64::try_from(line).unwrap_or(i64::MAX));
+        self.lines
+            .append_value(i64::try_from(line).unwrap_or(i64::MAX));
         self.len += 1;
         if self.len >= BATCH_ROWS {
             self.cut()?;
@@ -265,7 +281,11 @@ impl RowsBuilder {
         if self.len == 0 {
             return Ok(());
         }
-        let mut columns: Vec<ArrayRef> = self.data.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef).collect();
+        let mut columns: Vec<ArrayRef> = self
+            .data
+            .iter_mut()
+            .map(|b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
         columns.push(Arc::new(self.corrupt.finish()));
         let mut files = StringBuilder::with_capacity(self.len, self.len * self.location.len());
         for _ in 0..self.len {
@@ -273,7 +293,8 @@ impl RowsBuilder {
         }
         columns.push(Arc::new(files.finish()));
         columns.push(Arc::new(self.lines.finish()));
-        self.done.push(RecordBatch::try_new(Arc::clone(&self.schema), columns)?);
+        self.done
+            .push(RecordBatch::try_new(Arc::clone(&self.schema), columns)?);
         self.len = 0;
         Ok(())
     }
@@ -288,32 +309,75 @@ fn strip_bom(bytes: &[u8]) -> &[u8] {
     bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
 }
 
+/// A record's raw bytes without the line terminators around it (csv-core counts the `\n` of
+/// a CRLF as the start of the next record).
 fn trim_line_end(mut raw: &[u8]) -> &[u8] {
     while let [rest @ .., b'\n' | b'\r'] = raw {
+        raw = rest;
+    }
+    while let [b'\n' | b'\r', rest @ ..] = raw {
         raw = rest;
     }
     raw
 }
 
-fn parse_csv(bytes: &[u8], columns: &[String], rows: &mut RowsBuilder) -> Result<(), ConnectorError> {
+/// Counts lines up to byte offsets visited in increasing order.
+struct LineCounter<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+    newlines: u64,
+}
+
+impl LineCounter<'_> {
+    /// The 1-based line of the first byte at or after `offset` that is not a line break.
+    fn line_at(&mut self, mut offset: usize) -> u64 {
+        while matches!(self.bytes.get(offset), Some(b'\r' | b'\n')) {
+            offset += 1;
+        }
+        let offset = offset.min(self.bytes.len()).max(self.offset);
+        self.newlines += self.bytes[self.offset..offset]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count() as u64;
+        self.offset = offset;
+        self.newlines + 1
+    }
+}
+
+fn parse_csv(
+    bytes: &[u8],
+    columns: &[String],
+    rows: &mut RowsBuilder,
+) -> Result<(), ConnectorError> {
     let bytes = strip_bom(bytes);
     // flexible: a record with the wrong field count must reach us to become a corrupt row.
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .from_reader(bytes);
+    let mut lines = LineCounter {
+        bytes,
+        offset: 0,
+        newlines: 0,
+    };
     let mut record = csv::ByteRecord::new();
     let mut header: Option<Vec<Option<usize>>> = None;
     let mut header_len = 0usize;
     loop {
-        let start = reader.position().clone();
-        let more = match reader.read_byte_record(&mut record) {
+        let begin = usize::try_from(reader.position().byte())
+            .unwrap_or(bytes.len())
+            .min(bytes.len());
+        let more = reader.read_byte_record(&mut record);
+        let end = usize::try_from(reader.position().byte())
+            .unwrap_or(bytes.len())
+            .min(bytes.len());
+        let raw = trim_line_end(&bytes[begin.min(end)..end]);
+        let more = match more {
             Ok(more) => more,
             Err(_) => {
-                // Only possible on I/O or UTF-8 checks we do not ask for; keep the bytes.
-                let end = usize::try_from(reader.position().byte()).unwrap_or(bytes.len()).min(bytes.len());
-                let begin = usize::try_from(start.byte()).unwrap_or(0).min(end);
-                rows.push_corrupt(trim_line_end(&bytes[begin..end]), start.line())?;
+                // Only possible on checks we do not ask for; keep the bytes.
+                let line = lines.line_at(begin);
+                rows.push_corrupt(raw, line)?;
                 if end <= begin {
                     break;
                 }
@@ -323,20 +387,23 @@ fn parse_csv(bytes: &[u8], columns: &[String], rows: &mut RowsBuilder) -> Result
         if !more {
             break;
         }
-        let line = record.position().map_or(start.line(), csv::Position::line);
+        let line = lines.line_at(begin);
         let Some(mapping) = &header else {
-            let names: Vec<String> = record.iter().map(|f| String::from_utf8_lossy(f).trim().to_string()).collect();
+            let names: Vec<String> = record
+                .iter()
+                .map(|f| String::from_utf8_lossy(f).trim().to_string())
+                .collect();
             header_len = names.len();
-            header = Some(columns.iter().map(|c| names.iter().position(|n| n == c)).collect());
+            header = Some(
+                columns
+                    .iter()
+                    .map(|c| names.iter().position(|n| n == c))
+                    .collect(),
+            );
             continue;
         };
-        let raw = || {
-            let begin = usize::try_from(record.position().map_or(0, csv::Position::byte)).unwrap_or(0);
-            let end = usize::try_from(reader.position().byte()).unwrap_or(bytes.len()).min(bytes.len());
-            trim_line_end(&bytes[begin.min(end)..end])
-        };
         if record.len() != header_len {
-            rows.push_corrupt(raw(), line)?;
+            rows.push_corrupt(raw, line)?;
             continue;
         }
         let fields: Option<Vec<Option<&str>>> = mapping
@@ -348,7 +415,7 @@ fn parse_csv(bytes: &[u8], columns: &[String], rows: &mut RowsBuilder) -> Result
             .collect();
         match fields {
             Some(values) => rows.push(values, line)?,
-            None => rows.push_corrupt(raw(), line)?,
+            None => rows.push_corrupt(raw, line)?,
         }
     }
     Ok(())
@@ -393,11 +460,17 @@ fn parse_json_document(
     let Some(object) = doc.as_object() else {
         return rows.push_corrupt(bytes, 1);
     };
-    let top: Vec<Option<String>> = columns.iter().map(|c| object.get(c).and_then(json_text)).collect();
+    let top: Vec<Option<String>> = columns
+        .iter()
+        .map(|c| object.get(c).and_then(json_text))
+        .collect();
     let Some(explode) = explode else {
         return rows.push(top.iter().map(Option::as_deref), 1);
     };
-    let Some(entries) = object.get(&explode.field).and_then(serde_json::Value::as_object) else {
+    let Some(entries) = object
+        .get(&explode.field)
+        .and_then(serde_json::Value::as_object)
+    else {
         return rows.push_corrupt(bytes, 1);
     };
     for (i, (key, value)) in entries.iter().enumerate() {
@@ -422,19 +495,38 @@ mod tests {
     }
 
     fn column(batch: &RecordBatch, name: &str) -> Vec<Option<String>> {
-        let idx = batch.schema().index_of(name).unwrap_or_else(|_| unreachable!());
-        batch.column(idx).as_string::<i32>().iter().map(|v| v.map(str::to_string)).collect()
+        let idx = batch
+            .schema()
+            .index_of(name)
+            .unwrap_or_else(|_| unreachable!());
+        batch
+            .column(idx)
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.map(str::to_string))
+            .collect()
     }
 
     #[test]
-    fn csv_keeps_quoted_line_breaks_and_quarantines_bad_field_counts() -> Result<(), ConnectorError> {
+    fn csv_keeps_quoted_line_breaks_and_quarantines_bad_field_counts() -> Result<(), ConnectorError>
+    {
         let text = b"\xEF\xBB\xBFb,a\r\n1,\"x\r\ny, \"\"q\"\"\"\r\n2\r\n,3\r\n";
         let batches = csv_source().parse(text, "file:///f.csv")?;
         let batch = &batches[0];
-        assert_eq!(column(batch, "a"), vec![Some("x\r\ny, \"q\"".into()), None, Some("3".into())]);
+        assert_eq!(
+            column(batch, "a"),
+            vec![Some("x\r\ny, \"q\"".into()), None, Some("3".into())]
+        );
         assert_eq!(column(batch, "b"), vec![Some("1".into()), None, None]);
-        assert_eq!(column(batch, CORRUPT_RECORD), vec![None, Some("2".into()), None]);
-        let lines = batch.column(batch.num_columns() - 1).as_any().downcast_ref::<Int64Array>().map(|a| a.values().to_vec());
+        assert_eq!(
+            column(batch, CORRUPT_RECORD),
+            vec![None, Some("2".into()), None]
+        );
+        let lines = batch
+            .column(batch.num_columns() - 1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .map(|a| a.values().to_vec());
         assert_eq!(lines, Some(vec![2, 4, 5]));
         Ok(())
     }
@@ -444,7 +536,10 @@ mod tests {
         let root = Url::parse("file:///landing/events/").unwrap_or_else(|_| unreachable!());
         let source = FilesSource::new(root, FileFormat::JsonLines, vec![]);
         let batches = source.parse(b"{\"a\":1}\r\n\n  \nnot json\n", "file:///e.jsonl")?;
-        assert_eq!(column(&batches[0], JSON_LINE_VALUE), vec![Some("{\"a\":1}".into()), Some("not json".into())]);
+        assert_eq!(
+            column(&batches[0], JSON_LINE_VALUE),
+            vec![Some("{\"a\":1}".into()), Some("not json".into())]
+        );
         Ok(())
     }
 
@@ -456,13 +551,34 @@ mod tests {
             key_column: "currency".into(),
             value_column: "rate".into(),
         };
-        let source = FilesSource::new(root, FileFormat::JsonDocument { explode: Some(explode) }, vec!["base".into()]);
-        let batches = source.parse(br#"{"base":"USD","rates":{"EUR":0.92,"JPY":150}}"#, "file:///fx.json")?;
-        assert_eq!(column(&batches[0], "currency"), vec![Some("EUR".into()), Some("JPY".into())]);
-        assert_eq!(column(&batches[0], "rate"), vec![Some("0.92".into()), Some("150".into())]);
-        assert_eq!(column(&batches[0], "base"), vec![Some("USD".into()), Some("USD".into())]);
+        let source = FilesSource::new(
+            root,
+            FileFormat::JsonDocument {
+                explode: Some(explode),
+            },
+            vec!["base".into()],
+        );
+        let batches = source.parse(
+            br#"{"base":"USD","rates":{"EUR":0.92,"JPY":150}}"#,
+            "file:///fx.json",
+        )?;
+        assert_eq!(
+            column(&batches[0], "currency"),
+            vec![Some("EUR".into()), Some("JPY".into())]
+        );
+        assert_eq!(
+            column(&batches[0], "rate"),
+            vec![Some("0.92".into()), Some("150".into())]
+        );
+        assert_eq!(
+            column(&batches[0], "base"),
+            vec![Some("USD".into()), Some("USD".into())]
+        );
         let bad = source.parse(b"{not json", "file:///fx2.json")?;
-        assert_eq!(column(&bad[0], CORRUPT_RECORD), vec![Some("{not json".into())]);
+        assert_eq!(
+            column(&bad[0], CORRUPT_RECORD),
+            vec![Some("{not json".into())]
+        );
         Ok(())
     }
 }

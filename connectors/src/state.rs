@@ -30,7 +30,12 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
 
     /// Stores `value` under `key` if the stored version is still `expected` (`None`: the key
     /// must be absent). Returns the new version.
-    async fn put(&self, key: &str, value: Value, expected: Option<u64>) -> Result<u64, ConnectorError>;
+    async fn put(
+        &self,
+        key: &str,
+        value: Value,
+        expected: Option<u64>,
+    ) -> Result<u64, ConnectorError>;
 
     /// Where the state lives, for messages.
     fn describe(&self) -> String;
@@ -44,10 +49,11 @@ pub async fn get_typed<T: for<'de> Deserialize<'de> + Default>(
     match store.get(key).await? {
         None => Ok((T::default(), None)),
         Some(v) => {
-            let value = serde_json::from_value(v.value).map_err(|e| ConnectorError::StateStore {
-                store: store.describe(),
-                reason: format!("key {key} holds a value of the wrong shape: {e}"),
-            })?;
+            let value =
+                serde_json::from_value(v.value).map_err(|e| ConnectorError::StateStore {
+                    store: store.describe(),
+                    reason: format!("key {key} holds a value of the wrong shape: {e}"),
+                })?;
             Ok((value, Some(v.version)))
         }
     }
@@ -94,9 +100,13 @@ impl LocalFileStateStore {
 
     fn file_for(&self, key: &str) -> Result<PathBuf, ConnectorError> {
         let valid = !key.is_empty()
-            && key
-                .split('/')
-                .all(|s| !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c)));
+            && key.split('/').all(|s| {
+                !s.is_empty()
+                    && s != "."
+                    && s != ".."
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c))
+            });
         if !valid {
             return Err(self.error(format!("invalid key '{key}'")));
         }
@@ -113,10 +123,16 @@ impl LocalFileStateStore {
         }
     }
 
-    fn put_blocking(&self, key: &str, value: Value, expected: Option<u64>) -> Result<u64, ConnectorError> {
+    fn put_blocking(
+        &self,
+        key: &str,
+        value: Value,
+        expected: Option<u64>,
+    ) -> Result<u64, ConnectorError> {
         let path = self.file_for(key)?;
         let parent = path.parent().unwrap_or(&self.dir).to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(|e| self.error(format!("{}: {e}", parent.display())))?;
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| self.error(format!("{}: {e}", parent.display())))?;
         std::fs::create_dir_all(&self.dir).map_err(|e| self.error(e))?;
         let lock = File::create(self.dir.join(".lock")).map_err(|e| self.error(e))?;
         lock.lock().map_err(|e| self.error(e))?;
@@ -129,7 +145,8 @@ impl LocalFileStateStore {
             });
         }
         let version = found.map_or(1, |v| v + 1);
-        let doc = serde_json::to_vec_pretty(&StoredDocument { version, value }).map_err(|e| self.error(e))?;
+        let doc = serde_json::to_vec_pretty(&StoredDocument { version, value })
+            .map_err(|e| self.error(e))?;
         let mut tmp = tempfile_in(&parent).map_err(|e| self.error(e))?;
         tmp.1.write_all(&doc).map_err(|e| self.error(e))?;
         tmp.1.sync_all().map_err(|e| self.error(e))?;
@@ -140,7 +157,11 @@ impl LocalFileStateStore {
 }
 
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, File)> {
-    let name = format!(".tmp-{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0));
+    let name = format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    );
     let path = dir.join(name);
     let file = File::create(&path)?;
     Ok((path, file))
@@ -156,7 +177,12 @@ impl StateStore for LocalFileStateStore {
         }))
     }
 
-    async fn put(&self, key: &str, value: Value, expected: Option<u64>) -> Result<u64, ConnectorError> {
+    async fn put(
+        &self,
+        key: &str,
+        value: Value,
+        expected: Option<u64>,
+    ) -> Result<u64, ConnectorError> {
         let this = self.clone();
         let key = key.to_string();
         tokio::task::spawn_blocking(move || this.put_blocking(&key, value, expected))
@@ -175,14 +201,28 @@ mod tests {
 
     #[tokio::test]
     async fn a_stale_writer_gets_a_conflict() -> Result<(), ConnectorError> {
-        let dir = tempfile::tempdir().map_err(|e| ConnectorError::StateStore { store: "tmp".into(), reason: e.to_string() })?;
+        let dir = tempfile::tempdir().map_err(|e| ConnectorError::StateStore {
+            store: "tmp".into(),
+            reason: e.to_string(),
+        })?;
         let store = LocalFileStateStore::new(dir.path());
         assert_eq!(store.get("p/bronze/t").await?, None);
-        let v1 = store.put("p/bronze/t", serde_json::json!({"w": 1}), None).await?;
-        let v2 = store.put("p/bronze/t", serde_json::json!({"w": 2}), Some(v1)).await?;
-        let stale = store.put("p/bronze/t", serde_json::json!({"w": 3}), Some(v1)).await;
-        assert!(matches!(stale, Err(ConnectorError::StateConflict { found: Some(f), .. }) if f == v2));
-        assert_eq!(store.get("p/bronze/t").await?.map(|v| v.value), Some(serde_json::json!({"w": 2})));
+        let v1 = store
+            .put("p/bronze/t", serde_json::json!({"w": 1}), None)
+            .await?;
+        let v2 = store
+            .put("p/bronze/t", serde_json::json!({"w": 2}), Some(v1))
+            .await?;
+        let stale = store
+            .put("p/bronze/t", serde_json::json!({"w": 3}), Some(v1))
+            .await;
+        assert!(
+            matches!(stale, Err(ConnectorError::StateConflict { found: Some(f), .. }) if f == v2)
+        );
+        assert_eq!(
+            store.get("p/bronze/t").await?.map(|v| v.value),
+            Some(serde_json::json!({"w": 2}))
+        );
         assert!(store.put("../x", serde_json::json!(1), None).await.is_err());
         Ok(())
     }

@@ -56,7 +56,9 @@ pub fn table_url(lake: &Url, layer: &str, table: &str) -> Result<Url> {
 
 /// A local directory URL as a filesystem path, for stores that only work on local disk.
 pub fn local_path(url: &Url) -> Option<std::path::PathBuf> {
-    (url.scheme() == "file").then(|| url.to_file_path().ok()).flatten()
+    (url.scheme() == "file")
+        .then(|| url.to_file_path().ok())
+        .flatten()
 }
 
 /// The object store serving `url` and the path of `url` inside it. Credentials and endpoints

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use deltalake::delta_datafusion::planner::DeltaPlanner;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::delta_datafusion::planner::DeltaPlanner;
 
 use crate::error::Result;
 use crate::udf;
@@ -31,7 +31,10 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
         .with_information_schema(true)
         // Landed data sits in batch sub-folders; listing scans must descend into them.
-        .set_bool("datafusion.execution.listing_table_ignore_subdirectory", false)
+        .set_bool(
+            "datafusion.execution.listing_table_ignore_subdirectory",
+            false,
+        )
         // Identifiers keep their case, as Spark users expect of column names.
         .set_bool("datafusion.sql_parser.enable_ident_normalization", true);
     if let Some(n) = options.target_partitions {
@@ -56,7 +59,10 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
         .catalog("datafusion")
         .ok_or_else(|| datafusion::error::DataFusionError::Internal("no default catalog".into()))?;
     for schema in LAYER_SCHEMAS {
-        catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new()) as Arc<dyn SchemaProvider>)?;
+        catalog.register_schema(
+            schema,
+            Arc::new(MemorySchemaProvider::new()) as Arc<dyn SchemaProvider>,
+        )?;
     }
     Ok(ctx)
 }

@@ -1,7 +1,7 @@
 //! Opening Delta tables and showing them to DataFusion under `<layer>.<table>`.
 
-use datafusion::prelude::SessionContext;
 use datafusion::common::TableReference;
+use datafusion::prelude::SessionContext;
 use deltalake::{DeltaTable, DeltaTableBuilder};
 use url::Url;
 

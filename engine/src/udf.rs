@@ -101,7 +101,9 @@ impl ScalarUDFImpl for ParseTimestamp {
                     DataType::Utf8 => parse_all(array.as_string::<i32>().iter(), array.len()),
                     DataType::LargeUtf8 => parse_all(array.as_string::<i64>().iter(), array.len()),
                     DataType::Utf8View => parse_all(array.as_string_view().iter(), array.len()),
-                    DataType::Null => parse_all(std::iter::repeat_n(None, array.len()), array.len()),
+                    DataType::Null => {
+                        parse_all(std::iter::repeat_n(None, array.len()), array.len())
+                    }
                     other => return exec_err!("parse_timestamp expects text, got {other}"),
                 };
                 Ok(ColumnarValue::Array(out))

@@ -20,7 +20,12 @@ pub struct DemoOutcome {
     pub gold_preview: String,
 }
 
-pub async fn demo(dir: PathBuf, scale: f64, batches: u32, progress: bool) -> Result<DemoOutcome, JobError> {
+pub async fn demo(
+    dir: PathBuf,
+    scale: f64,
+    batches: u32,
+    progress: bool,
+) -> Result<DemoOutcome, JobError> {
     let landing = dir.join("landing");
     let lake = dir.join("lake");
     let report = generate(&GenerateOptions {
@@ -29,7 +34,12 @@ pub async fn demo(dir: PathBuf, scale: f64, batches: u32, progress: bool) -> Res
         seed: 42,
         out: landing.clone(),
     })?;
-    tracing::info!(orders = report.orders, events = report.events, files = report.files, "generated landing");
+    tracing::info!(
+        orders = report.orders,
+        events = report.events,
+        files = report.files,
+        "generated landing"
+    );
     let vars = [
         ("landing".to_string(), landing.display().to_string()),
         ("lake".to_string(), lake.display().to_string()),
@@ -46,14 +56,18 @@ pub async fn demo(dir: PathBuf, scale: f64, batches: u32, progress: bool) -> Res
     result?;
     let ctx = medallion_engine::session::new_session(&Default::default())?;
     let mut preview = String::new();
-    if let Some(t) = medallion_engine::table::open_table(&pipeline.table_url("gold", "daily_sales")?).await? {
+    if let Some(t) =
+        medallion_engine::table::open_table(&pipeline.table_url("gold", "daily_sales")?).await?
+    {
         medallion_engine::table::register_table(&ctx, "gold", "daily_sales", &t).await?;
         let batches = ctx
             .sql("SELECT country, sum(orders) AS orders, sum(units) AS units, sum(revenue_usd) AS revenue_usd FROM gold.daily_sales GROUP BY country ORDER BY revenue_usd DESC LIMIT 5")
             .await?
             .collect()
             .await?;
-        preview = datafusion::arrow::util::pretty::pretty_format_batches(&batches).map(|d| d.to_string()).unwrap_or_default();
+        preview = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+            .map(|d| d.to_string())
+            .unwrap_or_default();
     }
     Ok(DemoOutcome {
         dir,

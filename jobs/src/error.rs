@@ -43,7 +43,11 @@ pub enum JobError {
     Config { issues: Vec<ConfigIssue> },
 
     #[error("data quality: rule '{rule}' of {table} failed on {rows} rows (action = fail)")]
-    DataQuality { table: String, rule: String, rows: u64 },
+    DataQuality {
+        table: String,
+        rule: String,
+        rows: u64,
+    },
 
     #[error("{layer} {table}: {source}")]
     Table {
@@ -74,7 +78,11 @@ pub enum JobError {
 }
 
 impl JobError {
-    pub fn config(file: impl Into<String>, line: Option<usize>, message: impl Into<String>) -> Self {
+    pub fn config(
+        file: impl Into<String>,
+        line: Option<usize>,
+        message: impl Into<String>,
+    ) -> Self {
         JobError::Config {
             issues: vec![ConfigIssue {
                 file: file.into(),

@@ -51,12 +51,32 @@ const CURRENCIES: [(&str, f64); 10] = [
     ("CNY", 7.2),
 ];
 const STATUSES: [&str; 4] = ["PLACED", "SHIPPED", "CANCELLED", "RETURNED"];
-const COUNTRIES: [&str; 12] = ["US", "GB", "DE", "FR", "IN", "JP", "BR", "CA", "AU", "CN", "ES", "MX"];
+const COUNTRIES: [&str; 12] = [
+    "US", "GB", "DE", "FR", "IN", "JP", "BR", "CA", "AU", "CN", "ES", "MX",
+];
 const SEGMENTS: [&str; 3] = ["consumer", "smb", "enterprise"];
-const CATEGORIES: [&str; 8] = ["electronics", "books", "home", "garden", "toys", "fashion", "sports", "beauty"];
+const CATEGORIES: [&str; 8] = [
+    "electronics",
+    "books",
+    "home",
+    "garden",
+    "toys",
+    "fashion",
+    "sports",
+    "beauty",
+];
 const EVENT_TYPES: [&str; 3] = ["page_view", "add_to_cart", "checkout"];
 // Names that exercise RFC 4180: commas, quotes, line breaks, non-ASCII.
-const NAMES: [&str; 8] = ["Ana Silva", "Li Wei", "O'Brien, Pat", "Zoë \"Z\" Müller", "Jean-Luc\r\nPicard", "Smith, John", "Ngozi Okafor", "Åsa Berg"];
+const NAMES: [&str; 8] = [
+    "Ana Silva",
+    "Li Wei",
+    "O'Brien, Pat",
+    "Zoë \"Z\" Müller",
+    "Jean-Luc\r\nPicard",
+    "Smith, John",
+    "Ngozi Okafor",
+    "Åsa Berg",
+];
 const ORDERS_PER_PART: u64 = 250_000;
 const EVENTS_PER_PART: u64 = 500_000;
 /// The skewed customer: a quarter of all orders and events.
@@ -67,7 +87,10 @@ struct Hash(u64);
 
 impl Hash {
     fn u(self, entity: u64, row: u64, field: u64) -> u64 {
-        let mut z = self.0 ^ entity.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ row.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ field.wrapping_mul(0x94D0_49BB_1331_11EB);
+        let mut z = self.0
+            ^ entity.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ row.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+            ^ field.wrapping_mul(0x94D0_49BB_1331_11EB);
         // SplitMix64 finaliser.
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -139,7 +162,10 @@ fn spell_ts(out: &mut String, h: Hash, entity: u64, row: u64, field: u64, secs: 
     let kind = h.u(entity, row, field) % 10;
     let (offset_min, fmt_kind) = match kind {
         0..=5 => (0, 0),
-        6 | 7 => ([120i64, -300, 330, 540][(h.u(entity, row, field + 1) % 4) as usize], 1),
+        6 | 7 => (
+            [120i64, -300, 330, 540][(h.u(entity, row, field + 1) % 4) as usize],
+            1,
+        ),
         _ => (0, 2),
     };
     let Some(t) = DateTime::<Utc>::from_timestamp(secs + offset_min * 60, 0) else {
@@ -147,7 +173,14 @@ fn spell_ts(out: &mut String, h: Hash, entity: u64, row: u64, field: u64, secs: 
     };
     let _ = match fmt_kind {
         0 => write!(out, "{}", t.format("%Y-%m-%dT%H:%M:%SZ")),
-        1 => write!(out, "{}{}{:02}:{:02}", t.format("%Y-%m-%dT%H:%M:%S"), if offset_min < 0 { '-' } else { '+' }, offset_min.abs() / 60, offset_min.abs() % 60),
+        1 => write!(
+            out,
+            "{}{}{:02}:{:02}",
+            t.format("%Y-%m-%dT%H:%M:%S"),
+            if offset_min < 0 { '-' } else { '+' },
+            offset_min.abs() / 60,
+            offset_min.abs() % 60
+        ),
         _ => write!(out, "{}", t.format("%Y-%m-%d %H:%M:%S")),
     };
 }
@@ -158,7 +191,11 @@ fn mixed_case(h: Hash, entity: u64, row: u64, field: u64, s: &str) -> String {
         1 => s.to_uppercase(),
         2 => {
             let mut c = s.chars();
-            c.next().map_or_else(String::new, |f| f.to_uppercase().chain(c.flat_map(char::to_lowercase)).collect())
+            c.next().map_or_else(String::new, |f| {
+                f.to_uppercase()
+                    .chain(c.flat_map(char::to_lowercase))
+                    .collect()
+            })
         }
         _ => s.to_string(),
     }
@@ -205,7 +242,13 @@ impl Plan {
         let home = self.home(row, self.orders);
         let ts = self.time_in(home, ORDERS, row, 1);
         let order_ts = if h.f(ORDERS, row, 2) < 0.002 {
-            h.pick(ORDERS, row, 3, &["31/02/2026", "not-a-date", "2026-02-30T10:00:00Z"]).to_string()
+            h.pick(
+                ORDERS,
+                row,
+                3,
+                &["31/02/2026", "not-a-date", "2026-02-30T10:00:00Z"],
+            )
+            .to_string()
         } else {
             ts_string(h, ORDERS, row, 4, ts)
         };
@@ -220,13 +263,46 @@ impl Plan {
         } else {
             (1 + h.u(ORDERS, row, 9) % 5).to_string()
         };
-        let price = format!("{}.{:02}", 1 + h.u(ORDERS, row, 10) % 500, h.u(ORDERS, row, 11) % 100);
-        let currency = if h.f(ORDERS, row, 12) < 0.002 { "XXX" } else { h.pick(ORDERS, row, 13, &CURRENCIES).0 };
+        let price = format!(
+            "{}.{:02}",
+            1 + h.u(ORDERS, row, 10) % 500,
+            h.u(ORDERS, row, 11) % 100
+        );
+        let currency = if h.f(ORDERS, row, 12) < 0.002 {
+            "XXX"
+        } else {
+            h.pick(ORDERS, row, 13, &CURRENCIES).0
+        };
         let status_field = 14 + version * 100;
-        let status = stray_spaces(h, ORDERS, row, status_field + 1, &mixed_case(h, ORDERS, row, status_field + 2, h.pick(ORDERS, row, status_field, &STATUSES)));
-        let updated = ts + 60 + (h.u(ORDERS, row, 15) % 3600) as i64 + version as i64 * (3600 + (h.u(ORDERS, row, 16) % 86_400) as i64);
+        let status = stray_spaces(
+            h,
+            ORDERS,
+            row,
+            status_field + 1,
+            &mixed_case(
+                h,
+                ORDERS,
+                row,
+                status_field + 2,
+                h.pick(ORDERS, row, status_field, &STATUSES),
+            ),
+        );
+        let updated = ts
+            + 60
+            + (h.u(ORDERS, row, 15) % 3600) as i64
+            + version as i64 * (3600 + (h.u(ORDERS, row, 16) % 86_400) as i64);
         let updated_at = ts_string(h, ORDERS, row, 17 + version * 100, updated);
-        vec![format!("O{:010}", row + 1), customer, product, order_ts, quantity, price, currency.to_string(), status, updated_at]
+        vec![
+            format!("O{:010}", row + 1),
+            customer,
+            product,
+            order_ts,
+            quantity,
+            price,
+            currency.to_string(),
+            status,
+            updated_at,
+        ]
     }
 
     /// The batch a re-sent order lands in, if the order is re-sent.
@@ -269,12 +345,47 @@ impl Plan {
         let h = self.h;
         let v = version * 100;
         let home = self.home(row, self.customers);
-        let name = stray_spaces(h, CUSTOMERS, row, 1 + v, h.pick(CUSTOMERS, row, 2 + v, &NAMES));
-        let email = mixed_case(h, CUSTOMERS, row, 3 + v, &format!("user{}.{}@example.com", row + 1, h.pick(CUSTOMERS, row, 4 + v, &["shop", "mail", "inbox"])));
-        let country = stray_spaces(h, CUSTOMERS, row, 5 + v, &mixed_case(h, CUSTOMERS, row, 6 + v, h.pick(CUSTOMERS, row, 7 + v, &COUNTRIES)));
-        let segment = mixed_case(h, CUSTOMERS, row, 8 + v, h.pick(CUSTOMERS, row, 9 + v, &SEGMENTS));
+        let name = stray_spaces(
+            h,
+            CUSTOMERS,
+            row,
+            1 + v,
+            h.pick(CUSTOMERS, row, 2 + v, &NAMES),
+        );
+        let email = mixed_case(
+            h,
+            CUSTOMERS,
+            row,
+            3 + v,
+            &format!(
+                "user{}.{}@example.com",
+                row + 1,
+                h.pick(CUSTOMERS, row, 4 + v, &["shop", "mail", "inbox"])
+            ),
+        );
+        let country = stray_spaces(
+            h,
+            CUSTOMERS,
+            row,
+            5 + v,
+            &mixed_case(
+                h,
+                CUSTOMERS,
+                row,
+                6 + v,
+                h.pick(CUSTOMERS, row, 7 + v, &COUNTRIES),
+            ),
+        );
+        let segment = mixed_case(
+            h,
+            CUSTOMERS,
+            row,
+            8 + v,
+            h.pick(CUSTOMERS, row, 9 + v, &SEGMENTS),
+        );
         let created = START - 86_400 * (1 + (h.u(CUSTOMERS, row, 10) % 700) as i64);
-        let updated = self.time_in(home, CUSTOMERS, row, 11) + version as i64 * (3600 + (h.u(CUSTOMERS, row, 12) % 86_400) as i64);
+        let updated = self.time_in(home, CUSTOMERS, row, 11)
+            + version as i64 * (3600 + (h.u(CUSTOMERS, row, 12) % 86_400) as i64);
         vec![
             format!("C{:08}", row + 1),
             name,
@@ -316,12 +427,23 @@ impl Plan {
             let h = self.h;
             let fields = [
                 format!("P{:06}", row + 1),
-                format!("Product {} {}", row + 1, h.pick(PRODUCTS, row, 1, &["Deluxe", "Basic", "Pro, v2", "\"Max\""])),
+                format!(
+                    "Product {} {}",
+                    row + 1,
+                    h.pick(PRODUCTS, row, 1, &["Deluxe", "Basic", "Pro, v2", "\"Max\""])
+                ),
                 h.pick(PRODUCTS, row, 2, &CATEGORIES).to_string(),
-                format!("{}.{:02}", 1 + h.u(PRODUCTS, row, 3) % 500, h.u(PRODUCTS, row, 4) % 100),
+                format!(
+                    "{}.{:02}",
+                    1 + h.u(PRODUCTS, row, 3) % 500,
+                    h.u(PRODUCTS, row, 4) % 100
+                ),
                 "USD".to_string(),
             ];
-            csv_line(&mut out, &fields.iter().map(String::as_str).collect::<Vec<_>>());
+            csv_line(
+                &mut out,
+                &fields.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
         }
         out
     }
@@ -343,13 +465,22 @@ impl Plan {
         let _ = write!(out, "\"event_type\":\"{etype}\",\"event_ts\":\"");
         spell_ts(out, h, EVENTS, row, 6, ts);
         let session = customer * 1000 + (ts - START) as u64 / 86_400;
-        let _ = write!(out, "\",\"session_id\":\"S{session:012}\",\"properties\":{{\"page\":\"/p/{}\",\"referrer\":\"{}\"}}}}\n", h.u(EVENTS, row, 7) % self.products, h.pick(EVENTS, row, 8, &["search", "ad", "email", "direct"]));
+        let _ = write!(
+            out,
+            "\",\"session_id\":\"S{session:012}\",\"properties\":{{\"page\":\"/p/{}\",\"referrer\":\"{}\"}}}}\n",
+            h.u(EVENTS, row, 7) % self.products,
+            h.pick(EVENTS, row, 8, &["search", "ad", "email", "direct"])
+        );
     }
 
     /// The batch an event lands in: its home, or one later for the 2% that arrive late.
     fn event_batch(&self, row: u64) -> u64 {
         let home = self.home(row, self.events);
-        if home + 1 < self.batches && self.h.f(EVENTS, row, 30) < 0.02 { home + 1 } else { home }
+        if home + 1 < self.batches && self.h.f(EVENTS, row, 30) < 0.02 {
+            home + 1
+        } else {
+            home
+        }
     }
 
     fn events_part(&self, batch: u64, lo: u64, hi: u64) -> String {
@@ -373,10 +504,18 @@ impl Plan {
             return None;
         }
         let t = DateTime::<Utc>::from_timestamp(START + hour as i64 * 3600, 0)?;
-        let mut out = format!("{{\"base\": \"USD\", \"timestamp\": \"{}\", \"rates\": {{", t.format("%Y-%m-%dT%H:%M:%SZ"));
+        let mut out = format!(
+            "{{\"base\": \"USD\", \"timestamp\": \"{}\", \"rates\": {{",
+            t.format("%Y-%m-%dT%H:%M:%SZ")
+        );
         for (i, (c, base)) in CURRENCIES.iter().skip(1).enumerate() {
             let drift = 1.0 + (self.h.f(FX, hour, 10 + i as u64) - 0.5) * 0.02;
-            let _ = write!(out, "{}\"{c}\": {:.4}", if i > 0 { ", " } else { "" }, base * drift);
+            let _ = write!(
+                out,
+                "{}\"{c}\": {:.4}",
+                if i > 0 { ", " } else { "" },
+                base * drift
+            );
         }
         out.push_str("}}\n");
         Some(out)
@@ -384,11 +523,27 @@ impl Plan {
 }
 
 enum Job {
-    Orders { batch: u64, lo: u64, hi: u64, part: u64 },
-    Customers { batch: u64 },
-    Products { batch: u64 },
-    Events { batch: u64, lo: u64, hi: u64, part: u64 },
-    Fx { hour: u64 },
+    Orders {
+        batch: u64,
+        lo: u64,
+        hi: u64,
+        part: u64,
+    },
+    Customers {
+        batch: u64,
+    },
+    Products {
+        batch: u64,
+    },
+    Events {
+        batch: u64,
+        lo: u64,
+        hi: u64,
+        part: u64,
+    },
+    Fx {
+        hour: u64,
+    },
 }
 
 fn write_file(path: &Path, text: &str) -> Result<u64, JobError> {
@@ -403,7 +558,12 @@ fn write_file(path: &Path, text: &str) -> Result<u64, JobError> {
     Ok(text.len() as u64)
 }
 
-fn part_jobs(plan: &Plan, n: u64, per_part: u64, make: impl Fn(u64, u64, u64, u64) -> Job) -> Vec<Job> {
+fn part_jobs(
+    plan: &Plan,
+    n: u64,
+    per_part: u64,
+    make: impl Fn(u64, u64, u64, u64) -> Job,
+) -> Vec<Job> {
     let mut jobs = Vec::new();
     for batch in 0..plan.batches {
         // Rows that can land in `batch`: its own, and late ones of the batches before it.
@@ -423,7 +583,11 @@ fn part_jobs(plan: &Plan, n: u64, per_part: u64, make: impl Fn(u64, u64, u64, u6
 /// Writes the landed input into `options.out`.
 pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, JobError> {
     if options.batches == 0 || !(options.scale > 0.0) {
-        return Err(JobError::config("generate", None, "--batches must be at least 1 and --scale above 0"));
+        return Err(JobError::config(
+            "generate",
+            None,
+            "--batches must be at least 1 and --scale above 0",
+        ));
     }
     let scaled = |n: f64, min: u64| ((n * options.scale).round() as u64).max(min);
     let plan = Plan {
@@ -434,9 +598,31 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, JobError> {
         products: scaled(2_000.0, 5),
         events: scaled(3_000_000.0, 10),
     };
-    let mut jobs = part_jobs(&plan, plan.orders, ORDERS_PER_PART, |batch, lo, hi, part| Job::Orders { batch, lo, hi, part });
-    jobs.extend(part_jobs(&plan, plan.events, EVENTS_PER_PART, |batch, lo, hi, part| Job::Events { batch, lo, hi, part }));
-    jobs.extend((0..plan.batches).flat_map(|batch| [Job::Customers { batch }, Job::Products { batch }]));
+    let mut jobs = part_jobs(
+        &plan,
+        plan.orders,
+        ORDERS_PER_PART,
+        |batch, lo, hi, part| Job::Orders {
+            batch,
+            lo,
+            hi,
+            part,
+        },
+    );
+    jobs.extend(part_jobs(
+        &plan,
+        plan.events,
+        EVENTS_PER_PART,
+        |batch, lo, hi, part| Job::Events {
+            batch,
+            lo,
+            hi,
+            part,
+        },
+    ));
+    jobs.extend(
+        (0..plan.batches).flat_map(|batch| [Job::Customers { batch }, Job::Products { batch }]),
+    );
     jobs.extend((0..HOURS).map(|hour| Job::Fx { hour }));
     let out = &options.out;
     let dir = |entity: &str, batch: u64| out.join(entity).join(format!("batch-{:04}", batch + 1));
@@ -444,28 +630,67 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, JobError> {
         .par_iter()
         .map(|job| {
             Ok(match job {
-                Job::Orders { batch, lo, hi, part } => {
+                Job::Orders {
+                    batch,
+                    lo,
+                    hi,
+                    part,
+                } => {
                     let text = plan.orders_part(*batch, *lo, *hi);
-                    (write_file(&dir("orders", *batch).join(format!("part-{part:05}.csv")), &text)?, text.matches("\r\n").count() as u64 - 1, "orders")
+                    (
+                        write_file(
+                            &dir("orders", *batch).join(format!("part-{part:05}.csv")),
+                            &text,
+                        )?,
+                        text.matches("\r\n").count() as u64 - 1,
+                        "orders",
+                    )
                 }
-                Job::Events { batch, lo, hi, part } => {
+                Job::Events {
+                    batch,
+                    lo,
+                    hi,
+                    part,
+                } => {
                     let text = plan.events_part(*batch, *lo, *hi);
-                    (write_file(&dir("events", *batch).join(format!("part-{part:05}.jsonl")), &text)?, text.matches('\n').count() as u64, "events")
+                    (
+                        write_file(
+                            &dir("events", *batch).join(format!("part-{part:05}.jsonl")),
+                            &text,
+                        )?,
+                        text.matches('\n').count() as u64,
+                        "events",
+                    )
                 }
                 Job::Customers { batch } => {
                     let text = plan.customers_part(*batch);
-                    (write_file(&dir("customers", *batch).join("part-00000.csv"), &text)?, 0, "customers")
+                    (
+                        write_file(&dir("customers", *batch).join("part-00000.csv"), &text)?,
+                        0,
+                        "customers",
+                    )
                 }
                 Job::Products { batch } => {
                     let text = plan.products_part(*batch);
-                    (write_file(&dir("products", *batch).join("part-00000.csv"), &text)?, 0, "products")
+                    (
+                        write_file(&dir("products", *batch).join("part-00000.csv"), &text)?,
+                        0,
+                        "products",
+                    )
                 }
                 Job::Fx { hour } => match plan.fx_document(*hour) {
                     None => (0, 0, "fx_missing"),
                     Some(text) => {
                         let batch = plan.home(*hour, HOURS);
-                        let name = DateTime::<Utc>::from_timestamp(START + *hour as i64 * 3600, 0).map_or_else(String::new, |t| t.format("fx-%Y-%m-%dT%H.json").to_string());
-                        (write_file(&dir("fx_rates", batch).join(name), &text)?, 1, "fx")
+                        let name = DateTime::<Utc>::from_timestamp(START + *hour as i64 * 3600, 0)
+                            .map_or_else(String::new, |t| {
+                                t.format("fx-%Y-%m-%dT%H.json").to_string()
+                            });
+                        (
+                            write_file(&dir("fx_rates", batch).join(name), &text)?,
+                            1,
+                            "fx",
+                        )
                     }
                 },
             })
@@ -496,12 +721,25 @@ mod tests {
 
     #[test]
     fn output_is_deterministic_in_the_seed() -> Result<(), JobError> {
-        let a = tempfile::tempdir().map_err(|e| JobError::Io { context: "tmp".into(), source: e })?;
-        let b = tempfile::tempdir().map_err(|e| JobError::Io { context: "tmp".into(), source: e })?;
-        let opts = |out: &Path, seed| GenerateOptions { scale: 0.001, batches: 2, seed, out: out.to_path_buf() };
+        let a = tempfile::tempdir().map_err(|e| JobError::Io {
+            context: "tmp".into(),
+            source: e,
+        })?;
+        let b = tempfile::tempdir().map_err(|e| JobError::Io {
+            context: "tmp".into(),
+            source: e,
+        })?;
+        let opts = |out: &Path, seed| GenerateOptions {
+            scale: 0.001,
+            batches: 2,
+            seed,
+            out: out.to_path_buf(),
+        };
         let ra = generate(&opts(a.path(), 7))?;
         generate(&opts(b.path(), 7))?;
-        let read = |d: &Path| std::fs::read(d.join("orders/batch-0002/part-00000.csv")).unwrap_or_default();
+        let read = |d: &Path| {
+            std::fs::read(d.join("orders/batch-0002/part-00000.csv")).unwrap_or_default()
+        };
         assert!(!read(a.path()).is_empty());
         assert_eq!(read(a.path()), read(b.path()));
         assert!(ra.orders >= 1000, "{ra:?}");

@@ -50,16 +50,35 @@ use medallion_connectors::state::{LocalFileStateStore, StateStore};
 
 /// The state store named by `--state` (a folder or `file://` URL), or by default the folder
 /// `_medallion_state` inside a local lake.
-pub fn state_store(spec: Option<&str>, pipeline: &pipeline::Pipeline) -> Result<Arc<dyn StateStore>, JobError> {
+pub fn state_store(
+    spec: Option<&str>,
+    pipeline: &pipeline::Pipeline,
+) -> Result<Arc<dyn StateStore>, JobError> {
     let file_label = || spec.unwrap_or("--state").to_string();
     let dir = match spec {
         Some(s) => {
-            let url = medallion_engine::location::parse_location(s).map_err(|e| JobError::config(file_label(), None, e.to_string()))?;
-            medallion_engine::location::local_path(&url).ok_or_else(|| JobError::config(file_label(), None, "the state store must be a local folder (file://)"))?
+            let url = medallion_engine::location::parse_location(s)
+                .map_err(|e| JobError::config(file_label(), None, e.to_string()))?;
+            medallion_engine::location::local_path(&url).ok_or_else(|| {
+                JobError::config(
+                    file_label(),
+                    None,
+                    "the state store must be a local folder (file://)",
+                )
+            })?
         }
         None => medallion_engine::location::local_path(&pipeline.lake)
             .map(|p| p.join("_medallion_state"))
-            .ok_or_else(|| JobError::config(&pipeline.file_label, None, format!("the lake {} is not on local disk: name a state store with --state", pipeline.lake)))?,
+            .ok_or_else(|| {
+                JobError::config(
+                    &pipeline.file_label,
+                    None,
+                    format!(
+                        "the lake {} is not on local disk: name a state store with --state",
+                        pipeline.lake
+                    ),
+                )
+            })?,
     };
     Ok(Arc::new(LocalFileStateStore::new(dir)))
 }

@@ -76,7 +76,9 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     // The Delta kernel logs a missing table as an error; its real failures reach us as errors.
     let filter = EnvFilter::try_from_env("MEDALLION_LOG").unwrap_or_else(|_| EnvFilter::new("warn,buoyant_kernel=off,medallion=info,medallion_jobs=info,medallion_engine=info,medallion_connectors=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         builder.compact().init();
     } else {
@@ -87,7 +89,10 @@ fn init_logging() {
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -119,7 +124,11 @@ async fn dispatch(command: Command) -> i32 {
                 Err(e) => return report_error(&e),
             };
             let options = RunOptions {
-                layers: if layer.is_empty() { Layer::ALL.to_vec() } else { layer },
+                layers: if layer.is_empty() {
+                    Layer::ALL.to_vec()
+                } else {
+                    layer
+                },
                 run_id: run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
                 state: store,
                 progress,
@@ -153,7 +162,11 @@ async fn dispatch(command: Command) -> i32 {
                 Ok((p, v)) => {
                     println!("{}: valid ({} tables)", p.file_label, v.tables.len());
                     for (layer, name, schema) in &v.tables {
-                        let cols: Vec<String> = schema.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect();
+                        let cols: Vec<String> = schema
+                            .fields()
+                            .iter()
+                            .map(|f| format!("{} {}", f.name(), f.data_type()))
+                            .collect();
                         println!("  {layer}.{name}: {}", cols.join(", "));
                     }
                     exit_code::SUCCESS
@@ -161,10 +174,22 @@ async fn dispatch(command: Command) -> i32 {
                 Err(e) => report_error(&e),
             }
         }
-        Command::Generate { scale, batches, seed, out } => {
+        Command::Generate {
+            scale,
+            batches,
+            seed,
+            out,
+        } => {
             let started = std::time::Instant::now();
-            let options = medallion_jobs::generate::GenerateOptions { scale, batches, seed, out };
-            match tokio::task::spawn_blocking(move || medallion_jobs::generate::generate(&options)).await {
+            let options = medallion_jobs::generate::GenerateOptions {
+                scale,
+                batches,
+                seed,
+                out,
+            };
+            match tokio::task::spawn_blocking(move || medallion_jobs::generate::generate(&options))
+                .await
+            {
                 Ok(Ok(report)) => {
                     let mut value = serde_json::to_value(&report).unwrap_or_default();
                     value["duration_ms"] = serde_json::json!(started.elapsed().as_millis() as u64);
@@ -178,7 +203,11 @@ async fn dispatch(command: Command) -> i32 {
                 }
             }
         }
-        Command::Demo { dir, scale, batches } => {
+        Command::Demo {
+            dir,
+            scale,
+            batches,
+        } => {
             let dir = match dir {
                 Some(d) => d,
                 None => match tempfile::Builder::new().prefix("medallion-demo-").tempdir() {
@@ -191,9 +220,15 @@ async fn dispatch(command: Command) -> i32 {
             };
             match medallion_jobs::demo::demo(dir, scale, batches, progress).await {
                 Ok(outcome) => {
-                    println!("medallion demo: commerce pipeline, landing and lake under {}", outcome.dir.display());
+                    println!(
+                        "medallion demo: commerce pipeline, landing and lake under {}",
+                        outcome.dir.display()
+                    );
                     print!("{}", outcome.summary.to_table());
-                    println!("gold.daily_sales, top countries by revenue:\n{}", outcome.gold_preview);
+                    println!(
+                        "gold.daily_sales, top countries by revenue:\n{}",
+                        outcome.gold_preview
+                    );
                     println!("{}", outcome.summary.to_json_line());
                     exit_code::SUCCESS
                 }

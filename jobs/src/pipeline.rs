@@ -24,16 +24,46 @@ pub const PIPELINE_FILE: &str = "pipeline.toml";
 const BUILTIN: &[(&str, &[(&str, &str)])] = &[(
     "commerce",
     &[
-        ("pipeline.toml", include_str!("../../pipelines/commerce/pipeline.toml")),
-        ("silver/fx_rates.sql", include_str!("../../pipelines/commerce/silver/fx_rates.sql")),
-        ("silver/products.sql", include_str!("../../pipelines/commerce/silver/products.sql")),
-        ("silver/customers.sql", include_str!("../../pipelines/commerce/silver/customers.sql")),
-        ("silver/orders.sql", include_str!("../../pipelines/commerce/silver/orders.sql")),
-        ("silver/events.sql", include_str!("../../pipelines/commerce/silver/events.sql")),
-        ("gold/orders_priced.sql", include_str!("../../pipelines/commerce/gold/orders_priced.sql")),
-        ("gold/daily_sales.sql", include_str!("../../pipelines/commerce/gold/daily_sales.sql")),
-        ("gold/customer_360.sql", include_str!("../../pipelines/commerce/gold/customer_360.sql")),
-        ("gold/daily_engagement.sql", include_str!("../../pipelines/commerce/gold/daily_engagement.sql")),
+        (
+            "pipeline.toml",
+            include_str!("../../pipelines/commerce/pipeline.toml"),
+        ),
+        (
+            "silver/fx_rates.sql",
+            include_str!("../../pipelines/commerce/silver/fx_rates.sql"),
+        ),
+        (
+            "silver/products.sql",
+            include_str!("../../pipelines/commerce/silver/products.sql"),
+        ),
+        (
+            "silver/customers.sql",
+            include_str!("../../pipelines/commerce/silver/customers.sql"),
+        ),
+        (
+            "silver/orders.sql",
+            include_str!("../../pipelines/commerce/silver/orders.sql"),
+        ),
+        (
+            "silver/events.sql",
+            include_str!("../../pipelines/commerce/silver/events.sql"),
+        ),
+        (
+            "gold/orders_priced.sql",
+            include_str!("../../pipelines/commerce/gold/orders_priced.sql"),
+        ),
+        (
+            "gold/daily_sales.sql",
+            include_str!("../../pipelines/commerce/gold/daily_sales.sql"),
+        ),
+        (
+            "gold/customer_360.sql",
+            include_str!("../../pipelines/commerce/gold/customer_360.sql"),
+        ),
+        (
+            "gold/daily_engagement.sql",
+            include_str!("../../pipelines/commerce/gold/daily_engagement.sql"),
+        ),
     ],
 )];
 
@@ -203,9 +233,13 @@ impl Pipeline {
             let (dir, file) = if path.is_dir() {
                 (path.to_path_buf(), path.join(PIPELINE_FILE))
             } else {
-                (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
+                (
+                    path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                    path.to_path_buf(),
+                )
             };
-            let text = std::fs::read_to_string(&file).map_err(|e| JobError::config(file.display().to_string(), None, e.to_string()))?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| JobError::config(file.display().to_string(), None, e.to_string()))?;
             let mut sql = BTreeMap::new();
             let spec = parse_spec(&text, &file.display().to_string())?;
             for name in spec.sql_files() {
@@ -214,10 +248,21 @@ impl Pipeline {
                     sql.insert(name, body);
                 }
             }
-            return Self::resolve(spec, text, file.display().to_string(), dir.display().to_string(), sql, overrides);
+            return Self::resolve(
+                spec,
+                text,
+                file.display().to_string(),
+                dir.display().to_string(),
+                sql,
+                overrides,
+            );
         }
         if let Some((name, files)) = BUILTIN.iter().find(|(n, _)| *n == spec) {
-            let text = files.iter().find(|(p, _)| *p == PIPELINE_FILE).map(|(_, t)| (*t).to_string()).unwrap_or_default();
+            let text = files
+                .iter()
+                .find(|(p, _)| *p == PIPELINE_FILE)
+                .map(|(_, t)| (*t).to_string())
+                .unwrap_or_default();
             let label = format!("<built-in {name}>/{PIPELINE_FILE}");
             let parsed = parse_spec(&text, &label)?;
             let sql = files
@@ -225,12 +270,22 @@ impl Pipeline {
                 .filter(|(p, _)| p.ends_with(".sql"))
                 .map(|(p, t)| ((*p).to_string(), (*t).to_string()))
                 .collect();
-            return Self::resolve(parsed, text, label, format!("<built-in {name}>"), sql, overrides);
+            return Self::resolve(
+                parsed,
+                text,
+                label,
+                format!("<built-in {name}>"),
+                sql,
+                overrides,
+            );
         }
         Err(JobError::config(
             spec,
             None,
-            format!("no pipeline folder here and no built-in pipeline of that name (built in: {})", builtin_names().join(", ")),
+            format!(
+                "no pipeline folder here and no built-in pipeline of that name (built in: {})",
+                builtin_names().join(", ")
+            ),
         ))
     }
 
@@ -252,12 +307,17 @@ impl Pipeline {
                 issues.push(ConfigIssue {
                     file: file_label.clone(),
                     line: None,
-                    message: format!("--var {k}: the pipeline declares no such variable (declared: {})", spec.vars.keys().cloned().collect::<Vec<_>>().join(", ")),
+                    message: format!(
+                        "--var {k}: the pipeline declares no such variable (declared: {})",
+                        spec.vars.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
                 });
             }
         }
-        let lake_text = substitute(&spec.lake.root, &vars).map_err(|m| JobError::config(&file_label, None, m))?;
-        let lake = medallion_engine::location::parse_location(&lake_text).map_err(|e| JobError::config(&file_label, None, e.to_string()))?;
+        let lake_text = substitute(&spec.lake.root, &vars)
+            .map_err(|m| JobError::config(&file_label, None, m))?;
+        let lake = medallion_engine::location::parse_location(&lake_text)
+            .map_err(|e| JobError::config(&file_label, None, e.to_string()))?;
         if !issues.is_empty() {
             return Err(JobError::Config { issues });
         }
@@ -296,13 +356,21 @@ impl Pipeline {
 
     /// The location of a table of a layer.
     pub fn table_url(&self, layer: &str, table: &str) -> Result<Url, JobError> {
-        Ok(medallion_engine::location::table_url(&self.lake, layer, table)?)
+        Ok(medallion_engine::location::table_url(
+            &self.lake, layer, table,
+        )?)
     }
 
     /// The files source of a bronze table, its location resolved.
     pub fn files_source(&self, bronze: &BronzeSpec) -> Result<FilesSource, JobError> {
         let SourceSpec::Files(files) = &bronze.source;
-        let path = substitute(&files.path, &self.vars).map_err(|m| JobError::config(&self.file_label, Some(self.line_of(bronze.table.span().start)), m))?;
+        let path = substitute(&files.path, &self.vars).map_err(|m| {
+            JobError::config(
+                &self.file_label,
+                Some(self.line_of(bronze.table.span().start)),
+                m,
+            )
+        })?;
         let root = medallion_engine::location::parse_location(&path)?;
         let format = match files.format {
             FormatSpec::Csv => FileFormat::Csv,
@@ -315,21 +383,26 @@ impl Pipeline {
                 }),
             },
         };
-        Ok(FilesSource::new(root, format, files.columns.clone()).with_extensions(files.extensions.clone()))
+        Ok(FilesSource::new(root, format, files.columns.clone())
+            .with_extensions(files.extensions.clone()))
     }
 
     /// Target size of data files, in bytes.
     pub fn target_file_size(&self) -> u64 {
-        self.spec
-            .lake
-            .target_file_size_mb
-            .map_or(medallion_engine::ops::DEFAULT_TARGET_FILE_SIZE.get(), |mb| mb.max(1) * 1024 * 1024)
+        self.spec.lake.target_file_size_mb.map_or(
+            medallion_engine::ops::DEFAULT_TARGET_FILE_SIZE.get(),
+            |mb| mb.max(1) * 1024 * 1024,
+        )
     }
 }
 
 impl PipelineSpec {
     fn sql_files(&self) -> Vec<String> {
-        self.silver.iter().map(|s| s.sql.clone()).chain(self.gold.iter().map(|g| g.sql.clone())).collect()
+        self.silver
+            .iter()
+            .map(|s| s.sql.clone())
+            .chain(self.gold.iter().map(|g| g.sql.clone()))
+            .collect()
     }
 }
 
@@ -341,7 +414,8 @@ fn parse_spec(text: &str, label: &str) -> Result<PipelineSpec, JobError> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.get(..offset).map_or(1, |t| t.matches('\n').count() + 1)
+    text.get(..offset)
+        .map_or(1, |t| t.matches('\n').count() + 1)
 }
 
 /// Replaces every `${name}` in `s` by its variable.
@@ -351,9 +425,13 @@ fn substitute(s: &str, vars: &BTreeMap<String, String>) -> Result<String, String
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| format!("unterminated variable in '{s}'"))?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unterminated variable in '{s}'"))?;
         let name = &after[..end];
-        let value = vars.get(name).ok_or_else(|| format!("'{s}' uses undeclared variable '{name}'"))?;
+        let value = vars
+            .get(name)
+            .ok_or_else(|| format!("'{s}' uses undeclared variable '{name}'"))?;
         out.push_str(value);
         rest = &after[end + 1..];
     }
@@ -363,7 +441,9 @@ fn substitute(s: &str, vars: &BTreeMap<String, String>) -> Result<String, String
 
 /// Parses `name=value` as given to `--var`.
 pub fn parse_var(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected name=value, got '{s}'"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected name=value, got '{s}'"))?;
     if k.trim().is_empty() {
         return Err(format!("empty variable name in '{s}'"));
     }

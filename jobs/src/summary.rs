@@ -54,7 +54,8 @@ pub enum RunStatus {
 
 impl RunSummary {
     pub fn to_json_line(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"status\":\"failed\",\"error\":\"summary: {e}\"}}"))
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!("{{\"status\":\"failed\",\"error\":\"summary: {e}\"}}"))
     }
 
     /// A short human table of what each table did.
@@ -74,10 +75,15 @@ impl RunSummary {
                 t.rows_quarantined,
                 t.delta_version.map_or("-".to_string(), |v| v.to_string()),
                 t.duration_ms,
-                t.skipped.as_ref().map_or(String::new(), |s| format!("  ({s})")),
+                t.skipped
+                    .as_ref()
+                    .map_or(String::new(), |s| format!("  ({s})")),
             ));
         }
-        out.push_str(&format!("{:?} in {} ms (run {})\n", self.status, self.duration_ms, self.run_id));
+        out.push_str(&format!(
+            "{:?} in {} ms (run {})\n",
+            self.status, self.duration_ms, self.run_id
+        ));
         out
     }
 }

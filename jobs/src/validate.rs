@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use datafusion::common::TableReference;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use datafusion::common::TableReference;
 use medallion_connectors::files::{SOURCE_FILE, SOURCE_LINE};
 use medallion_engine::session;
 use medallion_quality::{QualityError, RuleSet};
@@ -17,7 +17,7 @@ use medallion_quality::{QualityError, RuleSet};
 use crate::error::{ConfigIssue, JobError};
 use crate::pipeline::{FormatSpec, GoldKind, Pipeline, SourceSpec};
 use crate::run::bronze_schema_for;
-use crate::run::silver_input::{INPUT_RELATION, INGEST_RUN_ID};
+use crate::run::silver_input::{INGEST_RUN_ID, INPUT_RELATION};
 
 /// What a valid pipeline looks like once planned.
 #[derive(Debug, Clone)]
@@ -53,20 +53,34 @@ impl Checker<'_> {
 /// Finds `Line: N` in a DataFusion/sqlparser message.
 fn sql_error_line(message: &str) -> Option<usize> {
     let rest = &message[message.find("Line: ")? + 6..];
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
-fn register_empty(ctx: &SessionContext, layer: &str, name: &str, schema: SchemaRef) -> Result<(), JobError> {
+fn register_empty(
+    ctx: &SessionContext,
+    layer: &str,
+    name: &str,
+    schema: SchemaRef,
+) -> Result<(), JobError> {
     let reference = TableReference::partial(layer, name);
     ctx.deregister_table(reference.clone())?;
-    ctx.register_table(reference, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
+    ctx.register_table(
+        reference,
+        Arc::new(MemTable::try_new(schema, vec![vec![]])?),
+    )?;
     Ok(())
 }
 
 /// Checks `pipeline` and returns every table's planned schema, or every problem found.
 pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
     let ctx = session::new_session(&session::SessionOptions::default())?;
-    let mut c = Checker { pipeline, issues: Vec::new() };
+    let mut c = Checker {
+        pipeline,
+        issues: Vec::new(),
+    };
     let mut tables = Vec::new();
     let spec = &pipeline.spec;
 
@@ -74,7 +88,10 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
     for b in &spec.bronze {
         let name = b.table.get_ref();
         if !seen.insert(("bronze", name.clone())) {
-            c.at(b.table.span().start, format!("bronze table '{name}' is declared twice"));
+            c.at(
+                b.table.span().start,
+                format!("bronze table '{name}' is declared twice"),
+            );
         }
         let SourceSpec::Files(files) = &b.source;
         match (files.format, files.columns.is_empty(), files.explode.is_some()) {
@@ -101,21 +118,46 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                 c.at(at, format!("silver table '{table}' is declared twice"));
             }
         }
-        let Some((_, _, bronze)) = tables.iter().find(|(l, n, _)| l == "bronze" && *n == s.from).cloned() else {
-            c.at(at, format!("silver table '{name}' reads bronze table '{}', which is not declared", s.from));
+        let Some((_, _, bronze)) = tables
+            .iter()
+            .find(|(l, n, _)| l == "bronze" && *n == s.from)
+            .cloned()
+        else {
+            c.at(
+                at,
+                format!(
+                    "silver table '{name}' reads bronze table '{}', which is not declared",
+                    s.from
+                ),
+            );
             continue;
         };
-        let input = ctx.read_table(Arc::new(MemTable::try_new(Arc::clone(&bronze), vec![vec![]])?))?;
+        let input = ctx.read_table(Arc::new(MemTable::try_new(
+            Arc::clone(&bronze),
+            vec![vec![]],
+        )?))?;
         match RuleSet::new(s.rules()) {
             Err(QualityError::DuplicateRule { rule }) => {
-                let offset = s.rules.iter().filter(|r| r.get_ref().name == rule).nth(1).map_or(at, |r| r.span().start);
-                c.at(offset, format!("silver table '{name}': rule name '{rule}' is used twice"));
+                let offset = s
+                    .rules
+                    .iter()
+                    .filter(|r| r.get_ref().name == rule)
+                    .nth(1)
+                    .map_or(at, |r| r.span().start);
+                c.at(
+                    offset,
+                    format!("silver table '{name}': rule name '{rule}' is used twice"),
+                );
             }
             Err(e) => c.at(at, format!("silver table '{name}': {e}")),
             Ok(rules) => {
                 if let Err(e) = rules.check_plans(&ctx, &input).await {
                     let offset = match &e {
-                        QualityError::InvalidRule { rule, .. } => s.rules.iter().find(|r| r.get_ref().name == *rule).map_or(at, |r| r.span().start),
+                        QualityError::InvalidRule { rule, .. } => s
+                            .rules
+                            .iter()
+                            .find(|r| r.get_ref().name == *rule)
+                            .map_or(at, |r| r.span().start),
                         _ => at,
                     };
                     c.at(offset, format!("silver table '{name}': {e}"));
@@ -125,12 +167,21 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
         let sql = match pipeline.sql(&s.sql) {
             Ok(sql) => sql,
             Err(_) => {
-                c.at(at, format!("silver table '{name}': SQL file '{}' not found", pipeline.sql_label(&s.sql)));
+                c.at(
+                    at,
+                    format!(
+                        "silver table '{name}': SQL file '{}' not found",
+                        pipeline.sql_label(&s.sql)
+                    ),
+                );
                 continue;
             }
         };
         ctx.deregister_table(INPUT_RELATION)?;
-        ctx.register_table(INPUT_RELATION, Arc::new(MemTable::try_new(Arc::clone(&bronze), vec![vec![]])?))?;
+        ctx.register_table(
+            INPUT_RELATION,
+            Arc::new(MemTable::try_new(Arc::clone(&bronze), vec![vec![]])?),
+        )?;
         let planned = ctx.sql(sql).await;
         ctx.deregister_table(INPUT_RELATION)?;
         let df = match planned {
@@ -142,22 +193,49 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
         };
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let has = |col: &str| schema.field_with_name(col).is_ok();
-        for (what, cols) in [("key column", &s.key), ("keep_latest_by column", &s.keep_latest_by), ("partition column", &s.partition_by)] {
+        for (what, cols) in [
+            ("key column", &s.key),
+            ("keep_latest_by column", &s.keep_latest_by),
+            ("partition column", &s.partition_by),
+        ] {
             if what == "key column" && cols.is_empty() {
                 c.at(at, format!("silver table '{name}': `key` names no column"));
             }
             for col in cols.iter().filter(|col| !has(col)) {
-                c.at(at, format!("silver table '{name}': {what} '{col}' is not produced by {}", pipeline.sql_label(&s.sql)));
+                c.at(
+                    at,
+                    format!(
+                        "silver table '{name}': {what} '{col}' is not produced by {}",
+                        pipeline.sql_label(&s.sql)
+                    ),
+                );
             }
         }
-        for col in [SOURCE_FILE, SOURCE_LINE].into_iter().filter(|col| !has(col)) {
-            c.at(at, format!("silver table '{name}': {} must select '{col}' (the keep rule's tie-break)", pipeline.sql_label(&s.sql)));
+        for col in [SOURCE_FILE, SOURCE_LINE]
+            .into_iter()
+            .filter(|col| !has(col))
+        {
+            c.at(
+                at,
+                format!(
+                    "silver table '{name}': {} must select '{col}' (the keep rule's tie-break)",
+                    pipeline.sql_label(&s.sql)
+                ),
+            );
         }
         register_empty(&ctx, "silver", &name, Arc::clone(&schema))?;
         tables.push(("silver".to_string(), name.clone(), schema));
         let mut q_fields: Vec<_> = bronze.fields().iter().map(|f| f.as_ref().clone()).collect();
-        q_fields.push(arrow::datatypes::Field::new(medallion_quality::DQ_RULE_COLUMN, arrow::datatypes::DataType::Utf8, true));
-        q_fields.push(arrow::datatypes::Field::new(INGEST_RUN_ID, arrow::datatypes::DataType::Utf8, false));
+        q_fields.push(arrow::datatypes::Field::new(
+            medallion_quality::DQ_RULE_COLUMN,
+            arrow::datatypes::DataType::Utf8,
+            true,
+        ));
+        q_fields.push(arrow::datatypes::Field::new(
+            INGEST_RUN_ID,
+            arrow::datatypes::DataType::Utf8,
+            false,
+        ));
         let q_schema = Arc::new(arrow::datatypes::Schema::new(q_fields));
         register_empty(&ctx, "silver", &s.quarantine_table(), Arc::clone(&q_schema))?;
         tables.push(("silver".to_string(), s.quarantine_table(), q_schema));
@@ -172,7 +250,13 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
         let sql = match pipeline.sql(&g.sql) {
             Ok(sql) => sql,
             Err(_) => {
-                c.at(at, format!("gold table '{name}': SQL file '{}' not found", pipeline.sql_label(&g.sql)));
+                c.at(
+                    at,
+                    format!(
+                        "gold table '{name}': SQL file '{}' not found",
+                        pipeline.sql_label(&g.sql)
+                    ),
+                );
                 continue;
             }
         };
@@ -184,8 +268,18 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
             }
         };
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        for col in g.partition_by.iter().filter(|col| schema.field_with_name(col).is_err()) {
-            c.at(at, format!("gold table '{name}': partition column '{col}' is not produced by {}", pipeline.sql_label(&g.sql)));
+        for col in g
+            .partition_by
+            .iter()
+            .filter(|col| schema.field_with_name(col).is_err())
+        {
+            c.at(
+                at,
+                format!(
+                    "gold table '{name}': partition column '{col}' is not produced by {}",
+                    pipeline.sql_label(&g.sql)
+                ),
+            );
         }
         match g.kind {
             GoldKind::View => {
@@ -211,7 +305,12 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
 mod tests {
     #[test]
     fn finds_the_line_in_a_parser_message() {
-        assert_eq!(super::sql_error_line("SQL error: ParserError(\"Expected: end of statement, found: x at Line: 3, Column: 5\")"), Some(3));
+        assert_eq!(
+            super::sql_error_line(
+                "SQL error: ParserError(\"Expected: end of statement, found: x at Line: 3, Column: 5\")"
+            ),
+            Some(3)
+        );
         assert_eq!(super::sql_error_line("no line"), None);
     }
 }

@@ -109,7 +109,9 @@ impl RuleSet {
         let mut seen = std::collections::HashSet::from([MALFORMED_RULE.to_string()]);
         for rule in &rules {
             if !seen.insert(rule.name.clone()) {
-                return Err(QualityError::DuplicateRule { rule: rule.name.clone() });
+                return Err(QualityError::DuplicateRule {
+                    rule: rule.name.clone(),
+                });
             }
         }
         Ok(Self { rules })
@@ -133,15 +135,22 @@ impl RuleSet {
 
     /// Plans every rule against `df`'s columns (and the tables of `ctx`, which a rule may
     /// read in a subquery) without running anything.
-    pub async fn check_plans(&self, ctx: &SessionContext, df: &DataFrame) -> Result<(), QualityError> {
+    pub async fn check_plans(
+        &self,
+        ctx: &SessionContext,
+        df: &DataFrame,
+    ) -> Result<(), QualityError> {
         Self::register(ctx, RULES_INPUT, df.clone())?;
         for rule in &self.rules {
-            ctx.sql(&format!("SELECT {} AS failed FROM {RULES_INPUT}", Self::failed_sql(rule)))
-                .await
-                .map_err(|source| QualityError::InvalidRule {
-                    rule: rule.name.clone(),
-                    source,
-                })?;
+            ctx.sql(&format!(
+                "SELECT {} AS failed FROM {RULES_INPUT}",
+                Self::failed_sql(rule)
+            ))
+            .await
+            .map_err(|source| QualityError::InvalidRule {
+                rule: rule.name.clone(),
+                source,
+            })?;
         }
         ctx.deregister_table(RULES_INPUT)?;
         Ok(())
@@ -150,14 +159,27 @@ impl RuleSet {
     /// Adds [`DQ_RULE_COLUMN`]: the first quarantine or fail rule the row fails, in declared
     /// order, after the built-in malformed-input rule on `corrupt_column`. Rules are SQL over
     /// the columns of `df` and may read any table of `ctx`.
-    pub async fn apply(&self, ctx: &SessionContext, df: DataFrame, corrupt_column: Option<&str>) -> Result<DataFrame, QualityError> {
+    pub async fn apply(
+        &self,
+        ctx: &SessionContext,
+        df: DataFrame,
+        corrupt_column: Option<&str>,
+    ) -> Result<DataFrame, QualityError> {
         self.check_plans(ctx, &df).await?;
         let mut branches: Vec<String> = Vec::new();
         if let Some(c) = corrupt_column {
-            branches.push(format!("WHEN {} IS NOT NULL THEN {}", quote_ident(c), quote_literal(MALFORMED_RULE)));
+            branches.push(format!(
+                "WHEN {} IS NOT NULL THEN {}",
+                quote_ident(c),
+                quote_literal(MALFORMED_RULE)
+            ));
         }
         for rule in self.rules.iter().filter(|r| r.action != Action::Warn) {
-            branches.push(format!("WHEN {} THEN {}", Self::failed_sql(rule), quote_literal(&rule.name)));
+            branches.push(format!(
+                "WHEN {} THEN {}",
+                Self::failed_sql(rule),
+                quote_literal(&rule.name)
+            ));
         }
         let dq = if branches.is_empty() {
             "CAST(NULL AS VARCHAR)".to_string()
@@ -165,26 +187,43 @@ impl RuleSet {
             format!("CASE {} ELSE CAST(NULL AS VARCHAR) END", branches.join(" "))
         };
         Self::register(ctx, RULES_INPUT, df)?;
-        let checked = ctx.sql(&format!("SELECT *, {dq} AS {DQ_RULE_COLUMN} FROM {RULES_INPUT}")).await?;
+        let checked = ctx
+            .sql(&format!(
+                "SELECT *, {dq} AS {DQ_RULE_COLUMN} FROM {RULES_INPUT}"
+            ))
+            .await?;
         ctx.deregister_table(RULES_INPUT)?;
         Ok(checked)
     }
 
     /// Counts, in one pass over `checked` (the output of [`RuleSet::apply`]), the rows each
     /// rule caught. Warn rules count every failing row, quarantined or not.
-    pub async fn results(&self, ctx: &SessionContext, checked: &DataFrame) -> Result<Vec<RuleResult>, QualityError> {
-        let mut names: Vec<(String, Action)> = vec![(MALFORMED_RULE.to_string(), Action::Quarantine)];
+    pub async fn results(
+        &self,
+        ctx: &SessionContext,
+        checked: &DataFrame,
+    ) -> Result<Vec<RuleResult>, QualityError> {
+        let mut names: Vec<(String, Action)> =
+            vec![(MALFORMED_RULE.to_string(), Action::Quarantine)];
         names.extend(self.rules.iter().map(|r| (r.name.clone(), r.action)));
         let mut sums = Vec::new();
         for (i, (name, action)) in names.iter().enumerate() {
             let failed = match (i, action) {
-                (0, _) | (_, Action::Quarantine | Action::Fail) => format!("{DQ_RULE_COLUMN} = {}", quote_literal(name)),
+                (0, _) | (_, Action::Quarantine | Action::Fail) => {
+                    format!("{DQ_RULE_COLUMN} = {}", quote_literal(name))
+                }
                 (_, Action::Warn) => Self::failed_sql(&self.rules[i - 1]),
             };
-            sums.push(format!("CAST(coalesce(sum(CASE WHEN {failed} THEN 1 ELSE 0 END), 0) AS BIGINT) AS r{i}"));
+            sums.push(format!(
+                "CAST(coalesce(sum(CASE WHEN {failed} THEN 1 ELSE 0 END), 0) AS BIGINT) AS r{i}"
+            ));
         }
         Self::register(ctx, RULES_INPUT, checked.clone())?;
-        let batches = ctx.sql(&format!("SELECT {} FROM {RULES_INPUT}", sums.join(", "))).await?.collect().await?;
+        let batches = ctx
+            .sql(&format!("SELECT {} FROM {RULES_INPUT}", sums.join(", ")))
+            .await?
+            .collect()
+            .await?;
         ctx.deregister_table(RULES_INPUT)?;
         let mut results = Vec::with_capacity(names.len());
         for (i, (rule, action)) in names.into_iter().enumerate() {
@@ -197,7 +236,11 @@ impl RuleSet {
                     _ => None,
                 })
                 .unwrap_or(0);
-            results.push(RuleResult { rule, action, failed_rows });
+            results.push(RuleResult {
+                rule,
+                action,
+                failed_rows,
+            });
         }
         Ok(results)
     }

@@ -3,7 +3,10 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 
-use medallion_tests::{Scratch, commerce_dir, copy_tree, count, fixture, gold_snapshot, medallion, summary_of, versions};
+use medallion_tests::{
+    Scratch, commerce_dir, copy_tree, count, fixture, gold_snapshot, medallion, summary_of,
+    versions,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_file_fails_the_run_and_changes_no_table() {
@@ -12,10 +15,22 @@ async fn an_unreadable_file_fails_the_run_and_changes_no_table() {
     let pipeline = commerce_dir();
     let landing_var = format!("landing={}", s.landing().display());
     let lake_var = format!("lake={}", s.lake().display());
-    let args = ["run", pipeline.to_str().unwrap(), "--var", &landing_var, "--var", &lake_var];
+    let args = [
+        "run",
+        pipeline.to_str().unwrap(),
+        "--var",
+        &landing_var,
+        "--var",
+        &lake_var,
+    ];
 
     let first = medallion(&args);
-    assert_eq!(first.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     assert_eq!(summary_of(&first)["status"], "succeeded");
     let before = versions(&s.lake()).await;
     let gold_before = gold_snapshot(&s.lake()).await;
@@ -23,11 +38,19 @@ async fn an_unreadable_file_fails_the_run_and_changes_no_table() {
     // A second batch: a readable orders file, and a customers file nobody may read.
     let batch2 = s.landing().join("orders/batch-0002");
     std::fs::create_dir_all(&batch2).unwrap();
-    std::fs::copy(s.landing().join("orders/batch-0001/part-00000.csv"), batch2.join("part-00000.csv")).unwrap();
+    std::fs::copy(
+        s.landing().join("orders/batch-0001/part-00000.csv"),
+        batch2.join("part-00000.csv"),
+    )
+    .unwrap();
     let locked_dir = s.landing().join("customers/batch-0002");
     std::fs::create_dir_all(&locked_dir).unwrap();
     let locked = locked_dir.join("part-00000.csv");
-    std::fs::write(&locked, "customer_id,name,email,country,segment,created_at,updated_at\r\nC7,G,g@x.com,US,smb,,\r\n").unwrap();
+    std::fs::write(
+        &locked,
+        "customer_id,name,email,country,segment,created_at,updated_at\r\nC7,G,g@x.com,US,smb,,\r\n",
+    )
+    .unwrap();
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
 
     let failed = medallion(&args);
@@ -35,19 +58,44 @@ async fn an_unreadable_file_fails_the_run_and_changes_no_table() {
     assert_eq!(failed.status.code(), Some(1), "stderr: {stderr}");
     let summary = summary_of(&failed);
     assert_eq!(summary["status"], "failed");
-    assert!(summary["error"].as_str().unwrap_or_default().contains("customers/batch-0002/part-00000.csv"), "{summary}");
-    assert!(stderr.contains("customers/batch-0002/part-00000.csv"), "{stderr}");
-    assert_eq!(versions(&s.lake()).await, before, "a failed run changed a table");
+    assert!(
+        summary["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("customers/batch-0002/part-00000.csv"),
+        "{summary}"
+    );
+    assert!(
+        stderr.contains("customers/batch-0002/part-00000.csv"),
+        "{stderr}"
+    );
+    assert_eq!(
+        versions(&s.lake()).await,
+        before,
+        "a failed run changed a table"
+    );
     assert_eq!(gold_snapshot(&s.lake()).await, gold_before);
 
     // Once readable, the rerun ingests both new files, once.
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o644)).unwrap();
     let bronze_orders = count(&s.lake(), "bronze", "orders").await;
     let healed = medallion(&args);
-    assert_eq!(healed.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&healed.stderr));
-    assert_eq!(count(&s.lake(), "bronze", "orders").await, bronze_orders * 2);
+    assert_eq!(
+        healed.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&healed.stderr)
+    );
+    assert_eq!(
+        count(&s.lake(), "bronze", "orders").await,
+        bronze_orders * 2
+    );
     assert_eq!(count(&s.lake(), "bronze", "customers").await, 11);
     let again = medallion(&args);
     assert_eq!(again.status.code(), Some(0));
-    assert_eq!(count(&s.lake(), "bronze", "orders").await, bronze_orders * 2, "a rerun ingested a file twice");
+    assert_eq!(
+        count(&s.lake(), "bronze", "orders").await,
+        bronze_orders * 2,
+        "a rerun ingested a file twice"
+    );
 }

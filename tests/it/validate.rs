@@ -11,7 +11,10 @@ fn broken_pipeline(edit: impl FnOnce(&std::path::Path)) -> Scratch {
 
 fn validate(dir: &std::path::Path) -> (Option<i32>, String) {
     let out = medallion(&["validate", dir.to_str().unwrap()]);
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 fn replace(path: &std::path::Path, from: &str, to: &str) {
@@ -28,25 +31,53 @@ fn line_of(path: &std::path::Path, needle: &str) -> usize {
 #[test]
 fn the_commerce_pipeline_is_valid() {
     let out = medallion(&["validate", commerce_dir().to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("gold.daily_sales: order_date Date32"), "{stdout}");
+    assert!(
+        stdout.contains("gold.daily_sales: order_date Date32"),
+        "{stdout}"
+    );
     let builtin = medallion(&["validate", "commerce"]);
     assert_eq!(builtin.status.code(), Some(0));
 }
 
 #[test]
 fn an_unknown_key_column_is_reported_with_its_line() {
-    let s = broken_pipeline(|d| replace(&d.join("pipeline.toml"), "key = [\"order_id\"]", "key = [\"order_idx\"]"));
+    let s = broken_pipeline(|d| {
+        replace(
+            &d.join("pipeline.toml"),
+            "key = [\"order_id\"]",
+            "key = [\"order_idx\"]",
+        )
+    });
     let (code, stderr) = validate(s.dir.path());
     assert_eq!(code, Some(2), "{stderr}");
-    let line = line_of(&s.dir.path().join("pipeline.toml"), "table = \"orders\"\nfrom");
-    assert!(stderr.contains(&format!("pipeline.toml:{line}: silver table 'orders': key column 'order_idx' is not produced by")), "{stderr}");
+    let line = line_of(
+        &s.dir.path().join("pipeline.toml"),
+        "table = \"orders\"\nfrom",
+    );
+    assert!(
+        stderr.contains(&format!(
+            "pipeline.toml:{line}: silver table 'orders': key column 'order_idx' is not produced by"
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn sql_that_does_not_parse_is_reported_with_its_file() {
-    let s = broken_pipeline(|d| std::fs::write(d.join("silver/products.sql"), "SELECT product_id,\nFROM FROM input").unwrap());
+    let s = broken_pipeline(|d| {
+        std::fs::write(
+            d.join("silver/products.sql"),
+            "SELECT product_id,\n  upper(name FROM input",
+        )
+        .unwrap()
+    });
     let (code, stderr) = validate(s.dir.path());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("silver/products.sql:2:"), "{stderr}");
@@ -54,25 +85,55 @@ fn sql_that_does_not_parse_is_reported_with_its_file() {
 
 #[test]
 fn a_duplicate_rule_name_is_reported_with_its_line() {
-    let s = broken_pipeline(|d| replace(&d.join("pipeline.toml"), "{ name = \"quantity_positive\"", "{ name = \"order_ts_parseable\""));
+    let s = broken_pipeline(|d| {
+        replace(
+            &d.join("pipeline.toml"),
+            "{ name = \"quantity_positive\"",
+            "{ name = \"order_ts_parseable\"",
+        )
+    });
     let (code, stderr) = validate(s.dir.path());
     assert_eq!(code, Some(2), "{stderr}");
-    let line = line_of(&s.dir.path().join("pipeline.toml"), "{ name = \"order_ts_parseable\", check = \"regexp_like(quantity");
+    let line = line_of(
+        &s.dir.path().join("pipeline.toml"),
+        "{ name = \"order_ts_parseable\", check = \"regexp_like(quantity",
+    );
     assert!(stderr.contains(&format!("pipeline.toml:{line}: silver table 'orders': rule name 'order_ts_parseable' is used twice")), "{stderr}");
 }
 
 #[test]
 fn several_problems_are_reported_at_once_and_unknown_keys_are_refused() {
     let s = broken_pipeline(|d| {
-        replace(&d.join("pipeline.toml"), "key = [\"customer_id\"]", "key = [\"nope\"]");
-        replace(&d.join("pipeline.toml"), "from = \"products\"", "from = \"product\"");
+        replace(
+            &d.join("pipeline.toml"),
+            "key = [\"customer_id\"]",
+            "key = [\"nope\"]",
+        );
+        replace(
+            &d.join("pipeline.toml"),
+            "from = \"products\"",
+            "from = \"product\"",
+        );
     });
     let (code, stderr) = validate(s.dir.path());
     assert_eq!(code, Some(2));
-    assert!(stderr.contains("key column 'nope'") && stderr.contains("bronze table 'product', which is not declared"), "{stderr}");
+    assert!(
+        stderr.contains("key column 'nope'")
+            && stderr.contains("bronze table 'product', which is not declared"),
+        "{stderr}"
+    );
 
-    let s = broken_pipeline(|d| replace(&d.join("pipeline.toml"), "[lake]\nroot", "[lake]\nroots = \"x\"\nroot"));
+    let s = broken_pipeline(|d| {
+        replace(
+            &d.join("pipeline.toml"),
+            "[lake]\nroot",
+            "[lake]\nroots = \"x\"\nroot",
+        )
+    });
     let (code, stderr) = validate(s.dir.path());
     assert_eq!(code, Some(2));
-    assert!(stderr.contains("pipeline.toml:") && stderr.contains("roots"), "{stderr}");
+    assert!(
+        stderr.contains("pipeline.toml:") && stderr.contains("roots"),
+        "{stderr}"
+    );
 }

@@ -37,7 +37,10 @@ impl AppendBuilder {
         }
     }
 
-    pub fn with_partition_columns(mut self, columns: impl IntoIterator<Item = impl Into<String>>) -> Self {
+    pub fn with_partition_columns(
+        mut self,
+        columns: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
         self.partition_columns = columns.into_iter().map(Into::into).collect();
         self
     }
@@ -49,10 +52,16 @@ impl AppendBuilder {
 
     /// Opens a writer; data written to it stays invisible until [`StagedAppend::commit`].
     pub fn stage(self) -> Result<StagedAppend> {
-        let partitions = (!self.partition_columns.is_empty()).then(|| self.partition_columns.clone());
-        let writer = RecordBatchWriter::try_new(self.url.as_str(), Arc::clone(&self.schema), partitions, None)
-            .map_err(|e| EngineError::delta(&self.url, e))?
-            .with_target_file_size(self.target_file_size);
+        let partitions =
+            (!self.partition_columns.is_empty()).then(|| self.partition_columns.clone());
+        let writer = RecordBatchWriter::try_new(
+            self.url.as_str(),
+            Arc::clone(&self.schema),
+            partitions,
+            None,
+        )
+        .map_err(|e| EngineError::delta(&self.url, e))?
+        .with_target_file_size(self.target_file_size);
         Ok(StagedAppend {
             builder: self,
             writer,
@@ -108,10 +117,16 @@ impl StagedAppend {
     /// transaction that the table already holds, nothing is committed.
     pub async fn commit(mut self, txn: Option<&AppTransaction>) -> Result<CommitMetrics> {
         let url = self.builder.url.clone();
-        let adds = self.writer.flush().await.map_err(|e| EngineError::delta(&url, e))?;
+        let adds = self
+            .writer
+            .flush()
+            .await
+            .map_err(|e| EngineError::delta(&url, e))?;
         let table = match table::open_table(&url).await? {
             Some(t) => t,
-            None => create_table(&url, &self.builder.schema, &self.builder.partition_columns).await?,
+            None => {
+                create_table(&url, &self.builder.schema, &self.builder.partition_columns).await?
+            }
         };
         if let Some(txn) = txn {
             if txn.is_committed(&table).await? {
@@ -129,7 +144,10 @@ impl StagedAppend {
             });
         }
         let files_added = adds.len() as u64;
-        let bytes_added = adds.iter().map(|a| u64::try_from(a.size).unwrap_or(0)).sum();
+        let bytes_added = adds
+            .iter()
+            .map(|a| u64::try_from(a.size).unwrap_or(0))
+            .sum();
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: (!self.builder.partition_columns.is_empty())
@@ -153,7 +171,11 @@ impl StagedAppend {
 }
 
 /// Creates an empty Delta table with `schema` at `url`.
-pub(crate) async fn create_table(url: &Url, schema: &SchemaRef, partition_columns: &[String]) -> Result<DeltaTable> {
+pub(crate) async fn create_table(
+    url: &Url,
+    schema: &SchemaRef,
+    partition_columns: &[String],
+) -> Result<DeltaTable> {
     let kernel_schema: StructType = schema
         .as_ref()
         .try_into_kernel()

@@ -30,7 +30,10 @@ impl OverwriteBuilder {
         }
     }
 
-    pub fn with_partition_columns(mut self, columns: impl IntoIterator<Item = impl Into<String>>) -> Self {
+    pub fn with_partition_columns(
+        mut self,
+        columns: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
         self.partition_columns = columns.into_iter().map(Into::into).collect();
         self
     }
@@ -51,7 +54,15 @@ impl OverwriteBuilder {
                 });
             }
         }
-        write_dataframe(&self.url, existing, self.source, SaveMode::Overwrite, &self.partition_columns, self.txn.as_ref()).await
+        write_dataframe(
+            &self.url,
+            existing,
+            self.source,
+            SaveMode::Overwrite,
+            &self.partition_columns,
+            self.txn.as_ref(),
+        )
+        .await
     }
 }
 

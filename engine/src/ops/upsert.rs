@@ -58,7 +58,15 @@ impl UpsertBuilder {
     pub async fn execute(self) -> Result<CommitMetrics> {
         let Some(target) = table::open_table(&self.url).await? else {
             // First write: every row is an insert, and a plain write is far cheaper than a MERGE.
-            return write_dataframe(&self.url, None, self.source, SaveMode::Append, &self.partition_columns, self.txn.as_ref()).await;
+            return write_dataframe(
+                &self.url,
+                None,
+                self.source,
+                SaveMode::Append,
+                &self.partition_columns,
+                self.txn.as_ref(),
+            )
+            .await;
         };
         if let Some(txn) = &self.txn {
             if txn.is_committed(&target).await? {
@@ -79,7 +87,13 @@ impl UpsertBuilder {
         let on = self
             .keys
             .iter()
-            .map(|k| binary_expr(side("target", k), Operator::IsNotDistinctFrom, side("source", k)))
+            .map(|k| {
+                binary_expr(
+                    side("target", k),
+                    Operator::IsNotDistinctFrom,
+                    side("source", k),
+                )
+            })
             .reduce(Expr::and)
             .ok_or_else(|| EngineError::InvalidWrite {
                 table: self.url.to_string(),
@@ -95,9 +109,9 @@ impl UpsertBuilder {
             .with_session_state(session)
             .with_commit_properties(AppTransaction::commit_properties(self.txn.as_ref()))
             .when_matched_update(|update| {
-                columns
-                    .iter()
-                    .fold(update.predicate(wins), |u, c| u.update(c.as_str(), side("source", c)))
+                columns.iter().fold(update.predicate(wins), |u, c| {
+                    u.update(c.as_str(), side("source", c))
+                })
             })
             .and_then(|m| {
                 m.when_not_matched_insert(|insert| {
@@ -130,7 +144,10 @@ fn source_wins(order: &[String]) -> Expr {
     use datafusion::prelude::lit;
     order.iter().rev().fold(lit(false), |rest, c| {
         let (s, t) = (side("source", c), side("target", c));
-        let greater = s.clone().is_not_null().and(t.clone().is_null().or(s.clone().gt(t.clone())));
+        let greater = s
+            .clone()
+            .is_not_null()
+            .and(t.clone().is_null().or(s.clone().gt(t.clone())));
         let equal = binary_expr(s, Operator::IsNotDistinctFrom, t);
         greater.or(equal.and(rest))
     })

@@ -32,9 +32,18 @@ pub const RUN_ID: &str = "_run_id";
 
 /// The schema of a bronze table: the source's columns, then the ingest metadata.
 pub(crate) fn bronze_schema(source: &FilesSource) -> SchemaRef {
-    let mut fields: Vec<Field> = source.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = source
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
     fields.extend([
-        Field::new(INGEST_TS, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            INGEST_TS,
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
         Field::new(SOURCE, DataType::Utf8, false),
         Field::new(RUN_ID, DataType::Utf8, false),
         Field::new(INGEST_DATE, DataType::Date32, false),
@@ -73,20 +82,30 @@ pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Re
     let mut staged = Vec::new();
     for spec in &run.pipeline.spec.bronze {
         let name = spec.table.get_ref().clone();
-        match stage_table(run, spec).await.map_err(|e| e.in_table("bronze", &name))? {
+        match stage_table(run, spec)
+            .await
+            .map_err(|e| e.in_table("bronze", &name))?
+        {
             Ok(s) => staged.push(s),
             Err(summary) => out.push(summary),
         }
     }
     for s in staged {
         let name = s.spec_table.clone();
-        out.push(commit_table(run, s).await.map_err(|e| e.in_table("bronze", &name))?);
+        out.push(
+            commit_table(run, s)
+                .await
+                .map_err(|e| e.in_table("bronze", &name))?,
+        );
     }
     Ok(())
 }
 
 /// Reads and stages one table's new files; `Err(summary)` when there is nothing to ingest.
-async fn stage_table(run: &RunContext<'_>, spec: &BronzeSpec) -> Result<Result<Staged, TableSummary>, JobError> {
+async fn stage_table(
+    run: &RunContext<'_>,
+    spec: &BronzeSpec,
+) -> Result<Result<Staged, TableSummary>, JobError> {
     let started = Instant::now();
     let name = spec.table.get_ref().clone();
     let url = run.pipeline.table_url("bronze", &name)?;
@@ -99,7 +118,11 @@ async fn stage_table(run: &RunContext<'_>, spec: &BronzeSpec) -> Result<Result<S
             None => false,
         };
         if committed {
-            tracing::info!(table = name, seq = pending.seq, "found the ingest of an interrupted run committed");
+            tracing::info!(
+                table = name,
+                seq = pending.seq,
+                "found the ingest of an interrupted run committed"
+            );
             state.ingested.extend(pending.files);
             state.seq = pending.seq;
         }
@@ -126,7 +149,10 @@ async fn stage_table(run: &RunContext<'_>, spec: &BronzeSpec) -> Result<Result<S
 
     let seq = state.seq + 1;
     let files: Vec<String> = new_files.iter().map(|f| f.location.clone()).collect();
-    state.pending = Some(PendingIngest { seq, files: files.clone() });
+    state.pending = Some(PendingIngest {
+        seq,
+        files: files.clone(),
+    });
     let state_version = Some(put_typed(run.state(), &key, &state, version).await?);
 
     let schema = bronze_schema(&source);
@@ -136,13 +162,21 @@ async fn stage_table(run: &RunContext<'_>, spec: &BronzeSpec) -> Result<Result<S
         .stage()?;
     let metadata = IngestMetadata {
         ingest_ts: run.started_at.timestamp_micros(),
-        ingest_date: i32::try_from((run.started_at.date_naive() - chrono::NaiveDate::default()).num_days()).unwrap_or(0),
+        ingest_date: i32::try_from(
+            (run.started_at.date_naive() - chrono::NaiveDate::default()).num_days(),
+        )
+        .unwrap_or(0),
         source: format!("files:{name}"),
         run_id: run.options.run_id.clone(),
     };
     let bar = run.progress(Layer::Bronze, &name);
     for (i, file) in new_files.iter().enumerate() {
-        bar.set_message(format!("file {}/{}: {}", i + 1, new_files.len(), file.location));
+        bar.set_message(format!(
+            "file {}/{}: {}",
+            i + 1,
+            new_files.len(),
+            file.location
+        ));
         let batches = source.read(file).await?;
         for batch in batches {
             summary.rows_read += batch.num_rows() as u64;
@@ -180,7 +214,13 @@ async fn commit_table(run: &RunContext<'_>, s: Staged) -> Result<TableSummary, J
     state.ingested.extend(files);
     state.seq = seq;
     state.pending = None;
-    put_typed(run.state(), &run.state_key(Layer::Bronze, &spec_table), &state, state_version).await?;
+    put_typed(
+        run.state(),
+        &run.state_key(Layer::Bronze, &spec_table),
+        &state,
+        state_version,
+    )
+    .await?;
     summary.rows_written = metrics.rows_inserted;
     summary.files_written = metrics.files_added;
     summary.delta_version = metrics.version;
@@ -206,10 +246,17 @@ impl IngestMetadata {
     fn attach(&self, batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, JobError> {
         let n = batch.num_rows();
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-        columns.push(Arc::new(TimestampMicrosecondArray::from_value(self.ingest_ts, n).with_timezone("UTC")));
-        columns.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(&self.source, n))));
-        columns.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(&self.run_id, n))));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from_value(self.ingest_ts, n).with_timezone("UTC"),
+        ));
+        columns.push(Arc::new(StringArray::from_iter_values(
+            std::iter::repeat_n(&self.source, n),
+        )));
+        columns.push(Arc::new(StringArray::from_iter_values(
+            std::iter::repeat_n(&self.run_id, n),
+        )));
         columns.push(Arc::new(Date32Array::from_value(self.ingest_date, n)));
-        RecordBatch::try_new(Arc::clone(schema), columns).map_err(|e| JobError::DataFusion(e.into()))
+        RecordBatch::try_new(Arc::clone(schema), columns)
+            .map_err(|e| JobError::DataFusion(e.into()))
     }
 }

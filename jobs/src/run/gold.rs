@@ -28,7 +28,10 @@ pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Re
     let inputs = silver_versions(run).await?;
     for spec in &run.pipeline.spec.gold {
         let name = spec.table.get_ref().clone();
-        if let Some(summary) = run_model(run, spec, &inputs).await.map_err(|e| e.in_table("gold", &name))? {
+        if let Some(summary) = run_model(run, spec, &inputs)
+            .await
+            .map_err(|e| e.in_table("gold", &name))?
+        {
             out.push(summary);
         }
     }
@@ -46,7 +49,11 @@ async fn silver_versions(run: &RunContext<'_>) -> Result<BTreeMap<String, u64>, 
     Ok(versions)
 }
 
-async fn run_model(run: &RunContext<'_>, spec: &GoldSpec, inputs: &BTreeMap<String, u64>) -> Result<Option<TableSummary>, JobError> {
+async fn run_model(
+    run: &RunContext<'_>,
+    spec: &GoldSpec,
+    inputs: &BTreeMap<String, u64>,
+) -> Result<Option<TableSummary>, JobError> {
     let started = Instant::now();
     let name = spec.table.get_ref().clone();
     let df = run.ctx.sql(run.pipeline.sql(&spec.sql)?).await?;

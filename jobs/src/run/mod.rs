@@ -84,7 +84,15 @@ impl RunContext<'_> {
     }
 
     pub fn transaction(&self, layer: Layer, table: &str, seq: i64) -> AppTransaction {
-        AppTransaction::new(format!("medallion/{}/{}/{}", self.pipeline.name(), layer.as_str(), table), seq)
+        AppTransaction::new(
+            format!(
+                "medallion/{}/{}/{}",
+                self.pipeline.name(),
+                layer.as_str(),
+                table
+            ),
+            seq,
+        )
     }
 
     pub fn progress(&self, layer: Layer, table: &str) -> ProgressBar {
@@ -92,7 +100,9 @@ impl RunContext<'_> {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::new_spinner();
-        if let Ok(style) = ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg} {elapsed}") {
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg} {elapsed}")
+        {
             bar.set_style(style);
         }
         bar.set_prefix(format!("{} {}", layer.as_str(), table));
@@ -107,19 +117,41 @@ impl RunContext<'_> {
             .bronze
             .iter()
             .map(|b| (Layer::Bronze, b.table.get_ref().clone()))
-            .chain(p.silver.iter().flat_map(|s| [(Layer::Silver, s.table.get_ref().clone()), (Layer::Silver, s.quarantine_table())]))
-            .chain(p.gold.iter().filter(|g| g.kind == crate::pipeline::GoldKind::Table).map(|g| (Layer::Gold, g.table.get_ref().clone())));
+            .chain(p.silver.iter().flat_map(|s| {
+                [
+                    (Layer::Silver, s.table.get_ref().clone()),
+                    (Layer::Silver, s.quarantine_table()),
+                ]
+            }))
+            .chain(
+                p.gold
+                    .iter()
+                    .filter(|g| g.kind == crate::pipeline::GoldKind::Table)
+                    .map(|g| (Layer::Gold, g.table.get_ref().clone())),
+            );
         for (layer, name) in names {
             let url = self.pipeline.table_url(layer.as_str(), &name)?;
             match table::open_table(&url).await? {
                 Some(t) => table::register_table(&self.ctx, layer.as_str(), &name, &t).await?,
                 // Not written yet (no input so far): readers see it empty, with its planned schema.
                 None => {
-                    if let Some((_, _, schema)) = self.validated.tables.iter().find(|(l, n, _)| l == layer.as_str() && *n == name) {
-                        let empty = datafusion::datasource::MemTable::try_new(std::sync::Arc::clone(schema), vec![vec![]])?;
-                        let reference = datafusion::common::TableReference::partial(layer.as_str(), name.as_str());
+                    if let Some((_, _, schema)) = self
+                        .validated
+                        .tables
+                        .iter()
+                        .find(|(l, n, _)| l == layer.as_str() && *n == name)
+                    {
+                        let empty = datafusion::datasource::MemTable::try_new(
+                            std::sync::Arc::clone(schema),
+                            vec![vec![]],
+                        )?;
+                        let reference = datafusion::common::TableReference::partial(
+                            layer.as_str(),
+                            name.as_str(),
+                        );
                         self.ctx.deregister_table(reference.clone())?;
-                        self.ctx.register_table(reference, std::sync::Arc::new(empty))?;
+                        self.ctx
+                            .register_table(reference, std::sync::Arc::new(empty))?;
                     }
                 }
             }
@@ -134,7 +166,10 @@ pub(crate) fn elapsed_ms(since: Instant) -> u64 {
 
 /// Runs the chosen layers of `pipeline` in order. Always returns a summary; the error, if
 /// any, is also recorded in it.
-pub async fn run_pipeline(pipeline: &Pipeline, options: &RunOptions) -> (RunSummary, Result<(), JobError>) {
+pub async fn run_pipeline(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+) -> (RunSummary, Result<(), JobError>) {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let mut tables = Vec::new();
@@ -151,7 +186,11 @@ pub async fn run_pipeline(pipeline: &Pipeline, options: &RunOptions) -> (RunSumm
         error,
         started_at: started_at.to_rfc3339(),
         duration_ms: elapsed_ms(started),
-        layers: options.layers.iter().map(|l| l.as_str().to_string()).collect(),
+        layers: options
+            .layers
+            .iter()
+            .map(|l| l.as_str().to_string())
+            .collect(),
         tables,
     };
     let record_key = format!("{}/runs/{}", pipeline.name(), options.run_id);
@@ -178,8 +217,15 @@ async fn run_layers(
         options,
         started_at,
     };
-    for layer in Layer::ALL.into_iter().filter(|l| options.layers.contains(l)) {
-        tracing::info!(layer = layer.as_str(), run_id = options.run_id, "layer started");
+    for layer in Layer::ALL
+        .into_iter()
+        .filter(|l| options.layers.contains(l))
+    {
+        tracing::info!(
+            layer = layer.as_str(),
+            run_id = options.run_id,
+            "layer started"
+        );
         match layer {
             Layer::Bronze => bronze::run(&run, tables).await?,
             Layer::Silver => silver::run(&run, tables).await?,

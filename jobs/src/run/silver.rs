@@ -26,7 +26,10 @@ pub const INPUT_RELATION: &str = "input";
 /// In quarantine rows, the bronze `_run_id` (the run that ingested the row).
 pub const INGEST_RUN_ID: &str = "_ingest_run_id";
 /// Tie-break columns every silver table carries, after its `keep_latest_by` columns.
-pub const TIE_BREAK: [&str; 2] = [medallion_connectors::files::SOURCE_FILE, medallion_connectors::files::SOURCE_LINE];
+pub const TIE_BREAK: [&str; 2] = [
+    medallion_connectors::files::SOURCE_FILE,
+    medallion_connectors::files::SOURCE_LINE,
+];
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SilverState {
@@ -45,14 +48,19 @@ struct PendingBatch {
 pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Result<(), JobError> {
     for spec in &run.pipeline.spec.silver {
         let name = spec.table.get_ref().clone();
-        let summary = run_table(run, spec).await.map_err(|e| e.in_table("silver", &name))?;
+        let summary = run_table(run, spec)
+            .await
+            .map_err(|e| e.in_table("silver", &name))?;
         out.extend(summary);
     }
     Ok(())
 }
 
 fn ts_literal(micros: i64) -> datafusion::prelude::Expr {
-    lit(ScalarValue::TimestampMicrosecond(Some(micros), Some("UTC".into())))
+    lit(ScalarValue::TimestampMicrosecond(
+        Some(micros),
+        Some("UTC".into()),
+    ))
 }
 
 async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableSummary>, JobError> {
@@ -79,11 +87,11 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     let after_watermark = move |df: DataFrame| -> Result<DataFrame, JobError> {
         Ok(match watermark {
             // The date bound prunes whole `_ingest_date` partitions before the row filter.
-            Some(w) => df.filter(
-                col(INGEST_TS).gt(ts_literal(w)).and(col(INGEST_DATE).gt_eq(lit(ScalarValue::Date32(Some(
+            Some(w) => df.filter(col(INGEST_TS).gt(ts_literal(w)).and(col(INGEST_DATE).gt_eq(
+                lit(ScalarValue::Date32(Some(
                     i32::try_from(w.div_euclid(86_400_000_000)).unwrap_or(0),
-                ))))),
-            )?,
+                ))),
+            )))?,
             None => df,
         })
     };
@@ -91,7 +99,10 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         Some(p) => (p.seq, p.upper),
         None => {
             let max = after_watermark(bronze.clone())?
-                .aggregate(vec![], vec![datafusion::functions_aggregate::expr_fn::max(col(INGEST_TS)).alias("m")])?
+                .aggregate(
+                    vec![],
+                    vec![datafusion::functions_aggregate::expr_fn::max(col(INGEST_TS)).alias("m")],
+                )?
                 .collect()
                 .await?;
             let upper = max
@@ -119,7 +130,11 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     let batch = after_watermark(bronze)?.filter(col(INGEST_TS).lt_eq(ts_literal(upper)))?;
     let rules = RuleSet::new(spec.rules())?;
     let checked = rules
-        .apply(&run.ctx, batch, Some(medallion_connectors::files::CORRUPT_RECORD))
+        .apply(
+            &run.ctx,
+            batch,
+            Some(medallion_connectors::files::CORRUPT_RECORD),
+        )
         .await?
         .cache()
         .await?;
@@ -134,7 +149,12 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
             });
         }
         if r.action == Action::Warn && r.failed_rows > 0 {
-            tracing::warn!(table = name, rule = r.rule, rows = r.failed_rows, "quality rule failed (warn)");
+            tracing::warn!(
+                table = name,
+                rule = r.rule,
+                rows = r.failed_rows,
+                "quality rule failed (warn)"
+            );
         }
     }
     summary.rows_quarantined = results
@@ -150,14 +170,13 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         rows_read: summary.rows_quarantined,
         ..TableSummary::default()
     };
+    let q_url = run.pipeline.table_url("silver", &quarantine_name)?;
     if summary.rows_quarantined > 0 {
         bar.set_message(format!("quarantining {} rows", summary.rows_quarantined));
-        let quarantined = checked
-            .clone()
-            .filter(col(DQ_RULE_COLUMN).is_not_null())?
-            .with_column(INGEST_RUN_ID, col(RUN_ID))?
-            .with_column(RUN_ID, lit(run.options.run_id.as_str()))?;
-        let q_url = run.pipeline.table_url("silver", &quarantine_name)?;
+        let quarantined = quarantine_rows(
+            checked.clone().filter(col(DQ_RULE_COLUMN).is_not_null())?,
+            &run.options.run_id,
+        )?;
         let schema = std::sync::Arc::new(quarantined.schema().as_arrow().clone());
         let mut staged = AppendBuilder::new(q_url.clone(), schema)
             .with_partition_columns([INGEST_DATE])
@@ -177,6 +196,17 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         }
     } else {
         quarantine_summary.skipped = Some("no quarantined rows".into());
+        if table::open_table(&q_url).await?.is_none() {
+            // Readers find the quarantine table of every entity, empty until a row fails.
+            let empty = quarantine_rows(checked.clone().limit(0, Some(0))?, &run.options.run_id)?;
+            let schema = std::sync::Arc::new(empty.schema().as_arrow().clone());
+            let created = AppendBuilder::new(q_url.clone(), schema)
+                .with_partition_columns([INGEST_DATE])
+                .stage()?
+                .commit(None)
+                .await?;
+            quarantine_summary.delta_version = created.version;
+        }
     }
 
     bar.set_message("shaping and merging");
@@ -211,13 +241,32 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     }
     summary.duration_ms = elapsed_ms(started);
     quarantine_summary.duration_ms = summary.duration_ms;
-    tracing::info!(table = name, read = summary.rows_read, quarantined = summary.rows_quarantined, inserted = summary.rows_written, updated = summary.rows_updated, "silver merged");
+    tracing::info!(
+        table = name,
+        read = summary.rows_read,
+        quarantined = summary.rows_quarantined,
+        inserted = summary.rows_written,
+        updated = summary.rows_updated,
+        "silver merged"
+    );
     Ok(vec![summary, quarantine_summary])
+}
+
+/// Quarantine rows: the bronze columns and `_dq_rule`, with `_run_id` naming the run that
+/// quarantined them and the bronze run id kept as `_ingest_run_id`.
+fn quarantine_rows(failed: DataFrame, run_id: &str) -> Result<DataFrame, JobError> {
+    Ok(failed
+        .with_column(INGEST_RUN_ID, col(RUN_ID))?
+        .with_column(RUN_ID, lit(run_id))?)
 }
 
 /// Runs the table's SQL over `valid` (as `input`) and keeps one row per key: the greatest
 /// `keep_latest_by` (nulls lose), then the row seen last.
-pub(crate) async fn shape_and_dedup(run: &RunContext<'_>, spec: &SilverSpec, valid: DataFrame) -> Result<DataFrame, JobError> {
+pub(crate) async fn shape_and_dedup(
+    run: &RunContext<'_>,
+    spec: &SilverSpec,
+    valid: DataFrame,
+) -> Result<DataFrame, JobError> {
     let sql = run.pipeline.sql(&spec.sql)?;
     run.ctx.deregister_table(INPUT_RELATION)?;
     run.ctx.register_table(INPUT_RELATION, valid.into_view())?;
@@ -226,10 +275,19 @@ pub(crate) async fn shape_and_dedup(run: &RunContext<'_>, spec: &SilverSpec, val
     dedup(&run.ctx, shaped, spec).await
 }
 
-pub(crate) async fn dedup(ctx: &datafusion::prelude::SessionContext, shaped: DataFrame, spec: &SilverSpec) -> Result<DataFrame, JobError> {
+pub(crate) async fn dedup(
+    ctx: &datafusion::prelude::SessionContext,
+    shaped: DataFrame,
+    spec: &SilverSpec,
+) -> Result<DataFrame, JobError> {
     const SHAPED: &str = "__medallion_shaped";
     let quote = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
-    let partition = spec.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
+    let partition = spec
+        .key
+        .iter()
+        .map(|k| quote(k))
+        .collect::<Vec<_>>()
+        .join(", ");
     let order = spec
         .keep_latest_by
         .iter()
