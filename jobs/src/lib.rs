@@ -38,6 +38,7 @@ pub mod demo;
 pub mod error;
 pub mod generate;
 pub mod pipeline;
+pub mod query;
 pub mod run;
 pub mod summary;
 pub mod validate;

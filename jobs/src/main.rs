@@ -48,6 +48,16 @@ enum Command {
         #[arg(long = "var", value_parser = parse_var)]
         vars: Vec<(String, String)>,
     },
+    /// Run SQL over the tables of a pipeline's lake (`<layer>.<table>`).
+    Query {
+        pipeline: String,
+        /// The SQL, e.g. "SELECT * FROM gold.daily_sales".
+        sql: String,
+        #[arg(long = "var", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: medallion_jobs::query::QueryFormat,
+    },
     /// Write the commerce landing data (reference pipeline, section 1).
     Generate {
         /// Scale factor: 1 is 1,000,000 orders and 3,000,000 events.
@@ -169,6 +179,26 @@ async fn dispatch(command: Command) -> i32 {
                             .collect();
                         println!("  {layer}.{name}: {}", cols.join(", "));
                     }
+                    exit_code::SUCCESS
+                }
+                Err(e) => report_error(&e),
+            }
+        }
+        Command::Query {
+            pipeline,
+            sql,
+            vars,
+            format,
+        } => {
+            let result = match Pipeline::load(&pipeline, &vars) {
+                Ok(p) => medallion_jobs::query::query(&p, &sql)
+                    .await
+                    .and_then(|b| medallion_jobs::query::render(&b, format)),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(text) => {
+                    print!("{text}");
                     exit_code::SUCCESS
                 }
                 Err(e) => report_error(&e),

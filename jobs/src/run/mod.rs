@@ -110,54 +110,61 @@ impl RunContext<'_> {
         bar
     }
 
-    /// (Re-)registers every table of the lake that exists, so queries see latest versions.
+    /// (Re-)registers every table of the lake, so queries see latest versions.
     pub async fn register_tables(&self) -> Result<(), JobError> {
-        let p = &self.pipeline.spec;
-        let names = p
-            .bronze
-            .iter()
-            .map(|b| (Layer::Bronze, b.table.get_ref().clone()))
-            .chain(p.silver.iter().flat_map(|s| {
-                [
-                    (Layer::Silver, s.table.get_ref().clone()),
-                    (Layer::Silver, s.quarantine_table()),
-                ]
-            }))
-            .chain(
-                p.gold
-                    .iter()
-                    .filter(|g| g.kind == crate::pipeline::GoldKind::Table)
-                    .map(|g| (Layer::Gold, g.table.get_ref().clone())),
-            );
-        for (layer, name) in names {
-            let url = self.pipeline.table_url(layer.as_str(), &name)?;
-            match table::open_table(&url).await? {
-                Some(t) => table::register_table(&self.ctx, layer.as_str(), &name, &t).await?,
-                // Not written yet (no input so far): readers see it empty, with its planned schema.
-                None => {
-                    if let Some((_, _, schema)) = self
-                        .validated
-                        .tables
+        register_lake(&self.ctx, self.pipeline, Some(&self.validated)).await
+    }
+}
+
+/// Registers every table of `pipeline`'s lake in `ctx` as `<layer>.<table>`. A table not
+/// written yet is registered empty with its planned schema when `validated` has it, so that
+/// SQL reading it still plans.
+pub async fn register_lake(
+    ctx: &SessionContext,
+    pipeline: &Pipeline,
+    validated: Option<&crate::validate::Validated>,
+) -> Result<(), JobError> {
+    let p = &pipeline.spec;
+    let names = p
+        .bronze
+        .iter()
+        .map(|b| (Layer::Bronze, b.table.get_ref().clone()))
+        .chain(p.silver.iter().flat_map(|s| {
+            [
+                (Layer::Silver, s.table.get_ref().clone()),
+                (Layer::Silver, s.quarantine_table()),
+            ]
+        }))
+        .chain(
+            p.gold
+                .iter()
+                .filter(|g| g.kind == crate::pipeline::GoldKind::Table)
+                .map(|g| (Layer::Gold, g.table.get_ref().clone())),
+        );
+    for (layer, name) in names {
+        let url = pipeline.table_url(layer.as_str(), &name)?;
+        match table::open_table(&url).await? {
+            Some(t) => table::register_table(ctx, layer.as_str(), &name, &t).await?,
+            None => {
+                let planned = validated.and_then(|v| {
+                    v.tables
                         .iter()
                         .find(|(l, n, _)| l == layer.as_str() && *n == name)
-                    {
-                        let empty = datafusion::datasource::MemTable::try_new(
-                            std::sync::Arc::clone(schema),
-                            vec![vec![]],
-                        )?;
-                        let reference = datafusion::common::TableReference::partial(
-                            layer.as_str(),
-                            name.as_str(),
-                        );
-                        self.ctx.deregister_table(reference.clone())?;
-                        self.ctx
-                            .register_table(reference, std::sync::Arc::new(empty))?;
-                    }
+                });
+                if let Some((_, _, schema)) = planned {
+                    let empty = datafusion::datasource::MemTable::try_new(
+                        Arc::clone(schema),
+                        vec![vec![]],
+                    )?;
+                    let reference =
+                        datafusion::common::TableReference::partial(layer.as_str(), name.as_str());
+                    ctx.deregister_table(reference.clone())?;
+                    ctx.register_table(reference, Arc::new(empty))?;
                 }
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 pub(crate) fn elapsed_ms(since: Instant) -> u64 {
