@@ -22,8 +22,8 @@ trap 'rm -rf "$work"' EXIT
 echo "gold check: 3 batches landed one at a time, medallion vs. Python + DuckDB"
 if "$venv/bin/python" benches/reference/check_gold.py --medallion "$CARGO_TARGET_DIR/debug/medallion" \
         --scale 0.02 --batches 3 --seed 11 --work "$work/check"; then
-    echo "1 passed, 0 failed: gold equals the independent engine"
+    echo "gold-check: 1 passed, 0 failed"
 else
-    echo "0 passed, 1 failed: gold differs from the independent engine"
+    echo "gold-check: 0 passed, 1 failed"
     exit 1
 fi
