@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, Date32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use futures::StreamExt as _;
 use medallion_connectors::files::{FilesSource, LandedFile};
 use medallion_connectors::state::{get_typed, put_typed};
 use medallion_engine::ops::{AppendBuilder, StagedAppend};
@@ -79,13 +80,17 @@ struct Staged {
 }
 
 pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Result<(), JobError> {
-    let mut staged = Vec::new();
-    for spec in &run.pipeline.spec.bronze {
+    // Tables are staged concurrently, so one table's parsing and Parquet encoding overlap
+    // with another's. Nothing is committed until every table is staged.
+    let staging = run.pipeline.spec.bronze.iter().map(|spec| async move {
         let name = spec.table.get_ref().clone();
-        match stage_table(run, spec)
+        stage_table(run, spec)
             .await
-            .map_err(|e| e.in_table("bronze", &name))?
-        {
+            .map_err(|e| e.in_table("bronze", &name))
+    });
+    let mut staged = Vec::new();
+    for result in futures::future::try_join_all(staging).await? {
+        match result {
             Ok(s) => staged.push(s),
             Err(summary) => out.push(summary),
         }
@@ -170,15 +175,19 @@ async fn stage_table(
         run_id: run.options.run_id.clone(),
     };
     let bar = run.progress(Layer::Bronze, &name);
-    for (i, file) in new_files.iter().enumerate() {
-        bar.set_message(format!(
-            "file {}/{}: {}",
-            i + 1,
-            new_files.len(),
-            file.location
-        ));
-        let batches = source.read(file).await?;
-        for batch in batches {
+    // The next file is fetched and parsed while the current one is encoded.
+    let source = &source;
+    let mut reads = futures::stream::iter(
+        new_files
+            .iter()
+            .map(|file| async move { (file, source.read(file).await) }),
+    )
+    .buffered(2);
+    let mut i = 0;
+    while let Some((file, batches)) = reads.next().await {
+        i += 1;
+        bar.set_message(format!("file {i}/{}: {}", new_files.len(), file.location));
+        for batch in batches? {
             summary.rows_read += batch.num_rows() as u64;
             staged.write(metadata.attach(&batch, &schema)?).await?;
         }
