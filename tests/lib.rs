@@ -189,9 +189,9 @@ pub async fn gold_snapshot(lake: &Path) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-/// Delta versions of every table under `<lake>/<layer>/`.
-pub async fn versions(lake: &Path) -> BTreeMap<String, Option<u64>> {
-    let mut out = BTreeMap::new();
+/// Every Delta table under `<lake>/<layer>/`, as `(layer, name, table)`.
+pub async fn lake_tables(lake: &Path) -> Vec<(&'static str, String, deltalake::DeltaTable)> {
+    let mut out = Vec::new();
     for layer in ["bronze", "silver", "gold"] {
         let Ok(entries) = std::fs::read_dir(lake.join(layer)) else {
             continue;
@@ -200,14 +200,24 @@ pub async fn versions(lake: &Path) -> BTreeMap<String, Option<u64>> {
             let url =
                 medallion_engine::location::parse_location(e.path().to_str().unwrap_or_default())
                     .expect("url");
-            let v = medallion_engine::table::open_table(&url)
+            if let Some(t) = medallion_engine::table::open_table(&url)
                 .await
                 .expect("open")
-                .and_then(|t| t.version());
-            out.insert(format!("{layer}/{}", e.file_name().to_string_lossy()), v);
+            {
+                out.push((layer, e.file_name().to_string_lossy().into_owned(), t));
+            }
         }
     }
     out
+}
+
+/// Delta versions of every table of `lake`.
+pub async fn versions(lake: &Path) -> BTreeMap<String, Option<u64>> {
+    lake_tables(lake)
+        .await
+        .into_iter()
+        .map(|(layer, name, t)| (format!("{layer}/{name}"), t.version()))
+        .collect()
 }
 
 /// Copies `<src>/<entity>/<batch>/` to `<dst>/<entity>/<batch>/` for every entity.
@@ -241,28 +251,10 @@ pub fn copy_tree(src: &Path, dst: &Path) {
 /// A session with every table of `lake` registered as `<layer>.<table>`.
 pub async fn lake_session(lake: &Path) -> datafusion::prelude::SessionContext {
     let ctx = medallion_engine::session::new_session(&Default::default()).expect("session");
-    for layer in ["bronze", "silver", "gold"] {
-        let Ok(entries) = std::fs::read_dir(lake.join(layer)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let url =
-                medallion_engine::location::parse_location(e.path().to_str().unwrap_or_default())
-                    .expect("url");
-            if let Some(t) = medallion_engine::table::open_table(&url)
-                .await
-                .expect("open")
-            {
-                medallion_engine::table::register_table(
-                    &ctx,
-                    layer,
-                    &e.file_name().to_string_lossy(),
-                    &t,
-                )
-                .await
-                .expect("register");
-            }
-        }
+    for (layer, name, t) in lake_tables(lake).await {
+        medallion_engine::table::register_table(&ctx, layer, &name, &t)
+            .await
+            .expect("register");
     }
     ctx
 }

@@ -66,3 +66,19 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
     }
     Ok(ctx)
 }
+
+/// Plans `sql` with `df` visible as the table `name`, then removes the name: the returned
+/// plan keeps what it read, so callers can hand rows to a SQL text without naming clashes
+/// outliving the statement.
+pub async fn sql_with_table(
+    ctx: &SessionContext,
+    name: &str,
+    df: datafusion::prelude::DataFrame,
+    sql: &str,
+) -> Result<datafusion::prelude::DataFrame> {
+    ctx.deregister_table(name)?;
+    ctx.register_table(name, df.into_view())?;
+    let planned = ctx.sql(sql).await;
+    ctx.deregister_table(name)?;
+    Ok(planned?)
+}

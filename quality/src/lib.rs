@@ -25,6 +25,8 @@
 use datafusion::common::ScalarValue;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::{DataFrame, SessionContext};
+use medallion_engine::EngineError;
+use medallion_engine::session::sql_with_table;
 use serde::{Deserialize, Serialize};
 
 /// Column naming the rule a row failed; null for rows that passed.
@@ -82,8 +84,11 @@ pub enum QualityError {
     InvalidRule {
         rule: String,
         #[source]
-        source: DataFusionError,
+        source: EngineError,
     },
+
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 
     #[error(transparent)]
     DataFusion(#[from] DataFusionError),
@@ -121,13 +126,6 @@ impl RuleSet {
         &self.rules
     }
 
-    /// Registers `df` under a private name for the statements below.
-    fn register(ctx: &SessionContext, name: &str, df: DataFrame) -> Result<(), QualityError> {
-        ctx.deregister_table(name)?;
-        ctx.register_table(name, df.into_view())?;
-        Ok(())
-    }
-
     /// `NOT coalesce((check), false)`: true for rows that fail `rule`.
     fn failed_sql(rule: &Rule) -> String {
         format!("NOT coalesce(({}), false)", rule.check)
@@ -140,19 +138,18 @@ impl RuleSet {
         ctx: &SessionContext,
         df: &DataFrame,
     ) -> Result<(), QualityError> {
-        Self::register(ctx, RULES_INPUT, df.clone())?;
         for rule in &self.rules {
-            ctx.sql(&format!(
+            let sql = format!(
                 "SELECT {} AS failed FROM {RULES_INPUT}",
                 Self::failed_sql(rule)
-            ))
-            .await
-            .map_err(|source| QualityError::InvalidRule {
-                rule: rule.name.clone(),
-                source,
-            })?;
+            );
+            sql_with_table(ctx, RULES_INPUT, df.clone(), &sql)
+                .await
+                .map_err(|source| QualityError::InvalidRule {
+                    rule: rule.name.clone(),
+                    source,
+                })?;
         }
-        ctx.deregister_table(RULES_INPUT)?;
         Ok(())
     }
 
@@ -186,14 +183,8 @@ impl RuleSet {
         } else {
             format!("CASE {} ELSE CAST(NULL AS VARCHAR) END", branches.join(" "))
         };
-        Self::register(ctx, RULES_INPUT, df)?;
-        let checked = ctx
-            .sql(&format!(
-                "SELECT *, {dq} AS {DQ_RULE_COLUMN} FROM {RULES_INPUT}"
-            ))
-            .await?;
-        ctx.deregister_table(RULES_INPUT)?;
-        Ok(checked)
+        let sql = format!("SELECT *, {dq} AS {DQ_RULE_COLUMN} FROM {RULES_INPUT}");
+        Ok(sql_with_table(ctx, RULES_INPUT, df, &sql).await?)
     }
 
     /// Counts, in one pass over `checked` (the output of [`RuleSet::apply`]), the rows each
@@ -218,13 +209,11 @@ impl RuleSet {
                 "CAST(coalesce(sum(CASE WHEN {failed} THEN 1 ELSE 0 END), 0) AS BIGINT) AS r{i}"
             ));
         }
-        Self::register(ctx, RULES_INPUT, checked.clone())?;
-        let batches = ctx
-            .sql(&format!("SELECT {} FROM {RULES_INPUT}", sums.join(", ")))
+        let sql = format!("SELECT {} FROM {RULES_INPUT}", sums.join(", "));
+        let batches = sql_with_table(ctx, RULES_INPUT, checked.clone(), &sql)
             .await?
             .collect()
             .await?;
-        ctx.deregister_table(RULES_INPUT)?;
         let mut results = Vec::with_capacity(names.len());
         for (i, (rule, action)) in names.into_iter().enumerate() {
             let failed_rows = batches

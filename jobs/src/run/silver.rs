@@ -11,6 +11,7 @@ use datafusion::common::ScalarValue;
 use datafusion::prelude::{DataFrame, col, lit};
 use medallion_connectors::state::{get_typed, put_typed};
 use medallion_engine::ops::{AppendBuilder, UpsertBuilder};
+use medallion_engine::session::sql_with_table;
 use medallion_engine::table;
 use medallion_quality::{Action, DQ_RULE_COLUMN, RuleSet};
 use serde::{Deserialize, Serialize};
@@ -268,10 +269,7 @@ pub(crate) async fn shape_and_dedup(
     valid: DataFrame,
 ) -> Result<DataFrame, JobError> {
     let sql = run.pipeline.sql(&spec.sql)?;
-    run.ctx.deregister_table(INPUT_RELATION)?;
-    run.ctx.register_table(INPUT_RELATION, valid.into_view())?;
-    let shaped = run.ctx.sql(sql).await?;
-    run.ctx.deregister_table(INPUT_RELATION)?;
+    let shaped = sql_with_table(&run.ctx, INPUT_RELATION, valid, sql).await?;
     dedup(&run.ctx, shaped, spec).await
 }
 
@@ -295,14 +293,9 @@ pub(crate) async fn dedup(
         .chain(TIE_BREAK.iter().map(|c| format!("{} DESC", quote(c))))
         .collect::<Vec<_>>()
         .join(", ");
-    ctx.deregister_table(SHAPED)?;
-    ctx.register_table(SHAPED, shaped.into_view())?;
-    let deduped = ctx
-        .sql(&format!(
-            "SELECT * EXCLUDE (__medallion_rank) FROM (SELECT *, row_number() OVER (PARTITION BY {partition} ORDER BY {order}) AS __medallion_rank FROM {SHAPED}) WHERE __medallion_rank = 1"
-        ))
-        .await?;
-    // The plan holds the view's plan; the name can go.
-    ctx.deregister_table(SHAPED)?;
+    let sql = format!(
+        "SELECT * EXCLUDE (__medallion_rank) FROM (SELECT *, row_number() OVER (PARTITION BY {partition} ORDER BY {order}) AS __medallion_rank FROM {SHAPED}) WHERE __medallion_rank = 1"
+    );
+    let deduped = sql_with_table(ctx, SHAPED, shaped, &sql).await?;
     Ok(deduped)
 }
