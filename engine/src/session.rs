@@ -36,7 +36,9 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
             false,
         )
         // Identifiers keep their case, as Spark users expect of column names.
-        .set_bool("datafusion.sql_parser.enable_ident_normalization", true);
+        .set_bool("datafusion.sql_parser.enable_ident_normalization", true)
+        // Spans let `validate` point at the line of an unknown column or table.
+        .set_bool("datafusion.sql_parser.collect_spans", true);
     if let Some(n) = options.target_partitions {
         config = config.with_target_partitions(n.max(1));
     }

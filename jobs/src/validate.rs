@@ -40,11 +40,18 @@ impl Checker<'_> {
         });
     }
 
-    fn sql_issue(&mut self, sql_name: &str, error: &dyn std::fmt::Display) {
+    fn sql_issue(&mut self, sql_name: &str, error: &datafusion::error::DataFusionError) {
         let message = error.to_string();
+        // Planning errors carry a span; parser errors name the line in their text.
+        let line = error
+            .diagnostic()
+            .and_then(|d| d.span)
+            .and_then(|span| usize::try_from(span.start.line).ok())
+            .filter(|line| *line > 0)
+            .or_else(|| sql_error_line(&message));
         self.issues.push(ConfigIssue {
             file: self.pipeline.sql_label(sql_name),
-            line: sql_error_line(&message),
+            line,
             message,
         });
     }

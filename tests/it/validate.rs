@@ -137,3 +137,24 @@ fn several_problems_are_reported_at_once_and_unknown_keys_are_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_unknown_column_in_sql_is_reported_with_its_line() {
+    let s = broken_pipeline(|d| {
+        replace(
+            &d.join("gold/daily_sales.sql"),
+            "sum(o.quantity)",
+            "sum(o.quantityy)",
+        )
+    });
+    let (code, stderr) = validate(s.dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    let line = line_of(
+        &s.dir.path().join("gold/daily_sales.sql"),
+        "sum(o.quantityy)",
+    );
+    assert!(
+        stderr.contains(&format!("gold/daily_sales.sql:{line}:")) && stderr.contains("quantityy"),
+        "{stderr}"
+    );
+}
