@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use medallion_connectors::state::StateStore;
 use medallion_engine::ops::AppTransaction;
 use medallion_engine::session::{self, SessionOptions};
@@ -72,6 +72,8 @@ pub(crate) struct RunContext<'a> {
     pub ctx: SessionContext,
     pub options: &'a RunOptions,
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// Spinners of tables worked on at once share one display.
+    pub bars: MultiProgress,
 }
 
 impl RunContext<'_> {
@@ -99,7 +101,7 @@ impl RunContext<'_> {
         if !self.options.progress {
             return ProgressBar::hidden();
         }
-        let bar = ProgressBar::new_spinner();
+        let bar = self.bars.add(ProgressBar::new_spinner());
         if let Ok(style) =
             ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg} {elapsed}")
         {
@@ -223,6 +225,7 @@ async fn run_layers(
         ctx,
         options,
         started_at,
+        bars: MultiProgress::new(),
     };
     for layer in Layer::ALL
         .into_iter()
