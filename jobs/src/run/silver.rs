@@ -139,8 +139,18 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         .await?
         .cache()
         .await?;
+    tracing::debug!(
+        table = name,
+        ms = elapsed_ms(started),
+        "rules applied and batch cached"
+    );
     let results = rules.results(&run.ctx, &checked).await?;
     summary.rows_read = checked.clone().count().await? as u64;
+    tracing::debug!(
+        table = name,
+        ms = elapsed_ms(started),
+        "rule results counted"
+    );
     for r in &results {
         if r.action == Action::Fail && r.failed_rows > 0 {
             return Err(JobError::DataQuality {
@@ -210,6 +220,7 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         }
     }
 
+    tracing::debug!(table = name, ms = elapsed_ms(started), "quarantine written");
     bar.set_message("shaping and merging");
     let valid = checked
         .filter(col(DQ_RULE_COLUMN).is_null())?
