@@ -9,7 +9,7 @@ pub enum ConnectorError {
     Unreadable {
         file: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 
     /// Listing a landing location failed.
@@ -17,7 +17,7 @@ pub enum ConnectorError {
     ListFailed {
         location: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 
     /// A conditional state write lost against another writer.
@@ -36,5 +36,11 @@ pub enum ConnectorError {
     Engine(#[from] medallion_engine::EngineError),
 
     #[error("building record batch: {0}")]
-    Arrow(#[from] arrow::error::ArrowError),
+    Arrow(Box<arrow::error::ArrowError>),
+}
+
+impl From<arrow::error::ArrowError> for ConnectorError {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        ConnectorError::Arrow(Box::new(e))
+    }
 }

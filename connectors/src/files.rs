@@ -151,7 +151,7 @@ impl FilesSource {
             Err(source) => {
                 return Err(ConnectorError::ListFailed {
                     location: self.root.to_string(),
-                    source,
+                    source: Box::new(source),
                 });
             }
         };
@@ -187,7 +187,7 @@ impl FilesSource {
         let (store, _) = self.store()?;
         let unreadable = |source| ConnectorError::Unreadable {
             file: file.location.clone(),
-            source,
+            source: Box::new(source),
         };
         let bytes = store
             .get(&file.path)

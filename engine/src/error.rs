@@ -19,19 +19,20 @@ pub enum EngineError {
     Delta {
         table: String,
         #[source]
-        source: DeltaTableError,
+        source: Box<DeltaTableError>,
     },
 
-    /// A query failed while planning or executing.
+    /// A query failed while planning or executing. Boxed, as every large source here: errors
+    /// travel through every `?` of a run and should stay a few words wide.
     #[error(transparent)]
-    DataFusion(#[from] DataFusionError),
+    DataFusion(Box<DataFusionError>),
 
     /// An object store request failed.
     #[error("object store request for {location} failed: {source}")]
     ObjectStore {
         location: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 
     /// The data handed to a write does not fit the table it goes to.
@@ -43,7 +44,13 @@ impl EngineError {
     pub(crate) fn delta(table: &url::Url, source: DeltaTableError) -> Self {
         EngineError::Delta {
             table: table.to_string(),
-            source,
+            source: Box::new(source),
         }
+    }
+}
+
+impl From<DataFusionError> for EngineError {
+    fn from(e: DataFusionError) -> Self {
+        EngineError::DataFusion(Box::new(e))
     }
 }

@@ -71,7 +71,7 @@ pub fn object_store_for(url: &Url) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let (store, path) =
         object_store::parse_url_opts(url, opts).map_err(|source| EngineError::ObjectStore {
             location: url.to_string(),
-            source,
+            source: Box::new(source),
         })?;
     Ok((Arc::from(store), path))
 }

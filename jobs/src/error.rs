@@ -67,7 +67,7 @@ pub enum JobError {
     Quality(#[from] QualityError),
 
     #[error("query failed: {0}")]
-    DataFusion(#[from] datafusion::error::DataFusionError),
+    DataFusion(Box<datafusion::error::DataFusionError>),
 
     #[error("{context}: {source}")]
     Io {
@@ -110,5 +110,11 @@ impl JobError {
             JobError::Engine(EngineError::InvalidLocation { .. }) => exit_code::CONFIG,
             _ => exit_code::FAILURE,
         }
+    }
+}
+
+impl From<datafusion::error::DataFusionError> for JobError {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        JobError::DataFusion(Box::new(e))
     }
 }

@@ -465,9 +465,9 @@ impl Plan {
         let _ = write!(out, "\"event_type\":\"{etype}\",\"event_ts\":\"");
         spell_ts(out, h, EVENTS, row, 6, ts);
         let session = customer * 1000 + (ts - START) as u64 / 86_400;
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "\",\"session_id\":\"S{session:012}\",\"properties\":{{\"page\":\"/p/{}\",\"referrer\":\"{}\"}}}}\n",
+            "\",\"session_id\":\"S{session:012}\",\"properties\":{{\"page\":\"/p/{}\",\"referrer\":\"{}\"}}}}",
             h.u(EVENTS, row, 7) % self.products,
             h.pick(EVENTS, row, 8, &["search", "ad", "email", "direct"])
         );
@@ -582,7 +582,7 @@ fn part_jobs(
 
 /// Writes the landed input into `options.out`.
 pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, JobError> {
-    if options.batches == 0 || !(options.scale > 0.0) {
+    if options.batches == 0 || options.scale.is_nan() || options.scale <= 0.0 {
         return Err(JobError::config(
             "generate",
             None,

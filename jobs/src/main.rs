@@ -155,10 +155,8 @@ async fn dispatch(command: Command) -> i32 {
                 eprint!("{}", run_summary.to_table());
             }
             let line = run_summary.to_json_line();
-            if let Some(path) = summary {
-                if let Err(e) = std::fs::write(&path, &line) {
-                    eprintln!("error: cannot write the summary to {}: {e}", path.display());
-                }
+            if let Some(Err(e)) = summary.as_ref().map(|path| std::fs::write(path, &line)) {
+                eprintln!("error: cannot write the summary: {e}");
             }
             println!("{line}");
             run_summary.exit_code

@@ -27,7 +27,9 @@ pub async fn query(pipeline: &Pipeline, sql: &str) -> Result<Vec<RecordBatch>, J
 
 /// Renders `batches` in `format`.
 pub fn render(batches: &[RecordBatch], format: QueryFormat) -> Result<String, JobError> {
-    let arrow_err = |e: datafusion::arrow::error::ArrowError| JobError::DataFusion(e.into());
+    let arrow_err = |e: datafusion::arrow::error::ArrowError| {
+        JobError::from(datafusion::error::DataFusionError::from(e))
+    };
     Ok(match format {
         QueryFormat::Table => datafusion::arrow::util::pretty::pretty_format_batches(batches)
             .map_err(arrow_err)?

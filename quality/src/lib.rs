@@ -91,7 +91,7 @@ pub enum QualityError {
     Engine(#[from] EngineError),
 
     #[error(transparent)]
-    DataFusion(#[from] DataFusionError),
+    DataFusion(Box<DataFusionError>),
 }
 
 /// How many rows a rule caught in one batch.
@@ -244,4 +244,10 @@ fn quote_ident(name: &str) -> String {
 
 fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
+}
+
+impl From<DataFusionError> for QualityError {
+    fn from(e: DataFusionError) -> Self {
+        QualityError::DataFusion(Box::new(e))
+    }
 }

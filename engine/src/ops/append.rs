@@ -128,14 +128,8 @@ impl StagedAppend {
                 create_table(&url, &self.builder.schema, &self.builder.partition_columns).await?
             }
         };
-        if let Some(txn) = txn {
-            if txn.is_committed(&table).await? {
-                return Ok(CommitMetrics {
-                    version: table.version(),
-                    already_committed: true,
-                    ..CommitMetrics::default()
-                });
-            }
+        if let Some(done) = AppTransaction::already_committed(txn, &table).await? {
+            return Ok(done);
         }
         if adds.is_empty() && txn.is_none() {
             return Ok(CommitMetrics {

@@ -51,6 +51,20 @@ impl AppTransaction {
         }
     }
 
+    /// The metrics of a write whose transaction an earlier attempt already committed to
+    /// `table`, or `None` when the write is still to be made.
+    pub(crate) async fn already_committed(
+        txn: Option<&Self>,
+        table: &DeltaTable,
+    ) -> Result<Option<CommitMetrics>> {
+        let Some(txn) = txn else { return Ok(None) };
+        Ok(txn.is_committed(table).await?.then(|| CommitMetrics {
+            version: table.version(),
+            already_committed: true,
+            ..CommitMetrics::default()
+        }))
+    }
+
     /// Whether `table` already holds this transaction's commit.
     pub async fn is_committed(&self, table: &DeltaTable) -> Result<bool> {
         Ok(table::app_transaction_version(table, &self.app_id)

@@ -45,14 +45,10 @@ impl OverwriteBuilder {
 
     pub async fn execute(self) -> Result<CommitMetrics> {
         let existing = table::open_table(&self.url).await?;
-        if let (Some(t), Some(txn)) = (&existing, &self.txn) {
-            if txn.is_committed(t).await? {
-                return Ok(CommitMetrics {
-                    version: t.version(),
-                    already_committed: true,
-                    ..CommitMetrics::default()
-                });
-            }
+        if let Some(t) = &existing
+            && let Some(done) = AppTransaction::already_committed(self.txn.as_ref(), t).await?
+        {
+            return Ok(done);
         }
         write_dataframe(
             &self.url,

@@ -68,14 +68,8 @@ impl UpsertBuilder {
             )
             .await;
         };
-        if let Some(txn) = &self.txn {
-            if txn.is_committed(&target).await? {
-                return Ok(CommitMetrics {
-                    version: target.version(),
-                    already_committed: true,
-                    ..CommitMetrics::default()
-                });
-            }
+        if let Some(done) = AppTransaction::already_committed(self.txn.as_ref(), &target).await? {
+            return Ok(done);
         }
         let columns: Vec<String> = self
             .source

@@ -266,6 +266,6 @@ impl IngestMetadata {
         )));
         columns.push(Arc::new(Date32Array::from_value(self.ingest_date, n)));
         RecordBatch::try_new(Arc::clone(schema), columns)
-            .map_err(|e| JobError::DataFusion(e.into()))
+            .map_err(|e| JobError::from(datafusion::error::DataFusionError::from(e)))
     }
 }
