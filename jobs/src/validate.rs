@@ -16,8 +16,8 @@ use medallion_quality::{QualityError, RuleSet};
 
 use crate::error::{ConfigIssue, JobError};
 use crate::pipeline::{FormatSpec, GoldKind, Pipeline, SourceSpec};
-use crate::run::bronze_schema_for;
-use crate::run::silver_input::{INGEST_RUN_ID, INPUT_RELATION};
+use crate::run::bronze::bronze_schema;
+use crate::run::silver::{INGEST_RUN_ID, INPUT_RELATION};
 
 /// What a valid pipeline looks like once planned.
 #[derive(Debug, Clone)]
@@ -109,7 +109,7 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
         }
         match pipeline.files_source(b) {
             Ok(source) => {
-                let schema = bronze_schema_for(&source);
+                let schema = bronze_schema(&source);
                 register_empty(&ctx, "bronze", name, Arc::clone(&schema))?;
                 tables.push(("bronze".to_string(), name.clone(), schema));
             }

@@ -244,6 +244,3 @@ async fn run_layers(
     }
     Ok(())
 }
-
-pub(crate) use bronze::bronze_schema as bronze_schema_for;
-pub(crate) use silver as silver_input;
