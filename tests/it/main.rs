@@ -3,4 +3,5 @@
 mod bad_input;
 mod handmade;
 mod invariants;
+mod recovery;
 mod validate;
