@@ -69,6 +69,20 @@ impl Scratch {
     pub fn lake(&self) -> PathBuf {
         self.dir.path().join("lake")
     }
+
+    /// Lands `orders/batch-0002/part-00000.csv`, a copy of batch 1's orders file (the same
+    /// orders re-sent), and returns its path.
+    pub fn land_orders_again(&self) -> PathBuf {
+        let batch2 = self.landing().join("orders/batch-0002");
+        std::fs::create_dir_all(&batch2).expect("mkdir");
+        let file = batch2.join("part-00000.csv");
+        std::fs::copy(
+            self.landing().join("orders/batch-0001/part-00000.csv"),
+            &file,
+        )
+        .expect("copy");
+        file
+    }
 }
 
 impl Default for Scratch {

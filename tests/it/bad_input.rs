@@ -36,13 +36,7 @@ async fn an_unreadable_file_fails_the_run_and_changes_no_table() {
     let gold_before = gold_snapshot(&s.lake()).await;
 
     // A second batch: a readable orders file, and a customers file nobody may read.
-    let batch2 = s.landing().join("orders/batch-0002");
-    std::fs::create_dir_all(&batch2).unwrap();
-    std::fs::copy(
-        s.landing().join("orders/batch-0001/part-00000.csv"),
-        batch2.join("part-00000.csv"),
-    )
-    .unwrap();
+    s.land_orders_again();
     let locked_dir = s.landing().join("customers/batch-0002");
     std::fs::create_dir_all(&locked_dir).unwrap();
     let locked = locked_dir.join("part-00000.csv");

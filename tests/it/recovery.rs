@@ -85,14 +85,8 @@ async fn a_run_that_died_before_its_commit_is_redone_once() {
     let bronze_orders = count(&s.lake(), "bronze", "orders").await;
 
     // A second orders file lands; a run records its intent and dies before committing.
-    let batch2 = s.landing().join("orders/batch-0002");
-    std::fs::create_dir_all(&batch2).unwrap();
-    std::fs::copy(
-        s.landing().join("orders/batch-0001/part-00000.csv"),
-        batch2.join("part-00000.csv"),
-    )
-    .unwrap();
-    let new_file = format!("file://{}", batch2.join("part-00000.csv").display());
+    let new_orders = s.land_orders_again();
+    let new_file = format!("file://{}", new_orders.display());
     rewrite_state(&s.lake(), "bronze", "orders", |v| {
         v["pending"] = serde_json::json!({"seq": 2, "files": [new_file]});
     });
