@@ -54,3 +54,9 @@ impl From<DataFusionError> for EngineError {
         EngineError::DataFusion(Box::new(e))
     }
 }
+
+impl From<datafusion::arrow::error::ArrowError> for EngineError {
+    fn from(e: datafusion::arrow::error::ArrowError) -> Self {
+        EngineError::DataFusion(Box::new(DataFusionError::ArrowError(Box::new(e), None)))
+    }
+}

@@ -26,6 +26,7 @@
 //! # let _ = df; Ok(()) }
 //! ```
 
+pub mod dedup;
 pub mod error;
 pub mod location;
 pub mod ops;

@@ -48,8 +48,22 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
     let runtime = RuntimeEnvBuilder::new().build_arc()?;
     // Delta's planner: writes, MERGE and overwrite plan their own nodes with this session, so
     // the tables, functions and settings of a run stay the same from read to commit.
+    // DataFusion pushes struct field access (`message['id']`) below the projection that
+    // builds the struct, substituting the struct's expression into every access: one
+    // `json_tuple` parse per field instead of one per row. Those two rules are left out.
+    let optimizer_rules = datafusion::optimizer::Optimizer::new()
+        .rules
+        .into_iter()
+        .filter(|r| {
+            !matches!(
+                r.name(),
+                "extract_leaf_expressions" | "push_down_leaf_projections"
+            )
+        })
+        .collect();
     let state = SessionStateBuilder::new()
         .with_default_features()
+        .with_optimizer_rules(optimizer_rules)
         .with_config(config)
         .with_runtime_env(runtime)
         .with_query_planner(DeltaPlanner::new())
@@ -57,6 +71,7 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
     let mut ctx = SessionContext::new_with_state(state);
     datafusion_functions_json::register_all(&mut ctx)?;
     ctx.register_udf(udf::parse_timestamp_udf());
+    ctx.register_udf(udf::json_tuple_udf());
     let catalog = ctx
         .catalog("datafusion")
         .ok_or_else(|| datafusion::error::DataFusionError::Internal("no default catalog".into()))?;

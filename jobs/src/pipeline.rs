@@ -165,6 +165,11 @@ pub struct SilverSpec {
     pub keep_latest_by: Vec<String>,
     #[serde(default)]
     pub partition_by: Vec<String>,
+    /// Columns computed from each bronze row before the rules, visible to the rules and to
+    /// `sql` but not kept in quarantine: a JSON message parsed once with `json_tuple` instead
+    /// of once per rule and per column.
+    #[serde(default)]
+    pub derive: Vec<Spanned<DerivedColumn>>,
     /// SQL over the relation `input` (the valid rows) that types and normalises them.
     pub sql: String,
     /// Checked in order against the bronze columns; the first failing quarantine rule sends
@@ -186,6 +191,15 @@ impl SilverSpec {
     pub fn rules(&self) -> Vec<Rule> {
         self.rules.iter().map(|r| r.get_ref().clone()).collect()
     }
+}
+
+/// A column computed from the bronze columns (and earlier derived columns) of a silver table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DerivedColumn {
+    pub name: String,
+    /// SQL expression over the bronze columns.
+    pub expr: String,
 }
 
 /// A gold model: SQL over silver (and earlier gold models).

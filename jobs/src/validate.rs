@@ -17,7 +17,7 @@ use medallion_quality::{QualityError, RuleSet};
 use crate::error::{ConfigIssue, JobError};
 use crate::pipeline::{FormatSpec, GoldKind, Pipeline, SourceSpec};
 use crate::run::bronze::bronze_schema;
-use crate::run::silver::{INGEST_RUN_ID, INPUT_RELATION};
+use crate::run::silver::{INGEST_RUN_ID, INPUT_RELATION, with_derived};
 
 /// What a valid pipeline looks like once planned.
 #[derive(Debug, Clone)]
@@ -139,10 +139,22 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
             );
             continue;
         };
-        let input = ctx.read_table(Arc::new(MemTable::try_new(
+        let bronze_rows = ctx.read_table(Arc::new(MemTable::try_new(
             Arc::clone(&bronze),
             vec![vec![]],
         )?))?;
+        let input = match with_derived(&ctx, bronze_rows, s).await {
+            Ok(df) => df,
+            Err(e) => {
+                let offset = s.derive.first().map_or(at, |d| d.span().start);
+                c.at(
+                    offset,
+                    format!("silver table '{name}': derived column: {e}"),
+                );
+                continue;
+            }
+        };
+        let input_schema: SchemaRef = Arc::new(input.schema().as_arrow().clone());
         match RuleSet::new(s.rules()) {
             Err(QualityError::DuplicateRule { rule }) => {
                 let offset = s
@@ -187,7 +199,7 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
         ctx.deregister_table(INPUT_RELATION)?;
         ctx.register_table(
             INPUT_RELATION,
-            Arc::new(MemTable::try_new(Arc::clone(&bronze), vec![vec![]])?),
+            Arc::new(MemTable::try_new(Arc::clone(&input_schema), vec![vec![]])?),
         )?;
         let planned = ctx.sql(sql).await;
         ctx.deregister_table(INPUT_RELATION)?;

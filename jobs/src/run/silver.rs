@@ -10,6 +10,7 @@ use std::time::Instant;
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{DataFrame, col, lit};
 use medallion_connectors::state::{get_typed, put_typed};
+use medallion_engine::dedup::DedupBuilder;
 use medallion_engine::ops::{AppendBuilder, UpsertBuilder};
 use medallion_engine::session::sql_with_table;
 use medallion_engine::table;
@@ -128,7 +129,12 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     let bar = run.progress(Layer::Silver, &name);
     bar.set_message("checking rules");
 
-    let batch = after_watermark(bronze)?.filter(col(INGEST_TS).lt_eq(ts_literal(upper)))?;
+    let batch = with_derived(
+        &run.ctx,
+        after_watermark(bronze)?.filter(col(INGEST_TS).lt_eq(ts_literal(upper)))?,
+        spec,
+    )
+    .await?;
     let rules = RuleSet::new(spec.rules())?;
     let checked = rules
         .apply(
@@ -186,6 +192,7 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         bar.set_message(format!("quarantining {} rows", summary.rows_quarantined));
         let quarantined = quarantine_rows(
             checked.clone().filter(col(DQ_RULE_COLUMN).is_not_null())?,
+            spec,
             &run.options.run_id,
         )?;
         let schema = std::sync::Arc::new(quarantined.schema().as_arrow().clone());
@@ -209,7 +216,11 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         quarantine_summary.skipped = Some("no quarantined rows".into());
         if table::open_table(&q_url).await?.is_none() {
             // Readers find the quarantine table of every entity, empty until a row fails.
-            let empty = quarantine_rows(checked.clone().limit(0, Some(0))?, &run.options.run_id)?;
+            let empty = quarantine_rows(
+                checked.clone().limit(0, Some(0))?,
+                spec,
+                &run.options.run_id,
+            )?;
             let schema = std::sync::Arc::new(empty.schema().as_arrow().clone());
             let created = AppendBuilder::new(q_url.clone(), schema)
                 .with_partition_columns([INGEST_DATE])
@@ -264,10 +275,40 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     Ok(vec![summary, quarantine_summary])
 }
 
+/// Adds the spec's derived columns to the bronze rows, in declared order.
+pub(crate) async fn with_derived(
+    ctx: &datafusion::prelude::SessionContext,
+    bronze: DataFrame,
+    spec: &SilverSpec,
+) -> Result<DataFrame, JobError> {
+    const BRONZE: &str = "__medallion_bronze";
+    let mut df = bronze;
+    for d in &spec.derive {
+        let d = d.get_ref();
+        let sql = format!(
+            "SELECT *, {} AS \"{}\" FROM {BRONZE}",
+            d.expr,
+            d.name.replace('"', "\"\"")
+        );
+        df = sql_with_table(ctx, BRONZE, df, &sql).await?;
+    }
+    Ok(df)
+}
+
 /// Quarantine rows: the bronze columns and `_dq_rule`, with `_run_id` naming the run that
 /// quarantined them and the bronze run id kept as `_ingest_run_id`.
-fn quarantine_rows(failed: DataFrame, run_id: &str) -> Result<DataFrame, JobError> {
+fn quarantine_rows(
+    failed: DataFrame,
+    spec: &SilverSpec,
+    run_id: &str,
+) -> Result<DataFrame, JobError> {
+    let derived: Vec<&str> = spec
+        .derive
+        .iter()
+        .map(|d| d.get_ref().name.as_str())
+        .collect();
     Ok(failed
+        .drop_columns(&derived)?
         .with_column(INGEST_RUN_ID, col(RUN_ID))?
         .with_column(RUN_ID, lit(run_id))?)
 }
@@ -289,24 +330,12 @@ pub(crate) async fn dedup(
     shaped: DataFrame,
     spec: &SilverSpec,
 ) -> Result<DataFrame, JobError> {
-    const SHAPED: &str = "__medallion_shaped";
-    let quote = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
-    let partition = spec
-        .key
-        .iter()
-        .map(|k| quote(k))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let order = spec
-        .keep_latest_by
-        .iter()
-        .map(|c| format!("{} DESC NULLS LAST", quote(c)))
-        .chain(TIE_BREAK.iter().map(|c| format!("{} DESC", quote(c))))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!(
-        "SELECT * EXCLUDE (__medallion_rank) FROM (SELECT *, row_number() OVER (PARTITION BY {partition} ORDER BY {order}) AS __medallion_rank FROM {SHAPED}) WHERE __medallion_rank = 1"
-    );
-    let deduped = sql_with_table(ctx, SHAPED, shaped, &sql).await?;
-    Ok(deduped)
+    let mut order = spec.keep_latest_by.clone();
+    order.extend(TIE_BREAK.iter().map(|s| (*s).to_string()));
+    Ok(DedupBuilder::new(shaped, spec.key.clone())
+        .with_winner_order(order)
+        .with_cluster_by(spec.partition_by.clone())
+        .with_output_partitions(ctx.copied_config().target_partitions())
+        .execute(ctx)
+        .await?)
 }
