@@ -49,6 +49,10 @@ pub enum JobError {
         rows: u64,
     },
 
+    /// A failure of medallion itself (a task that panicked), not of the data or the stack.
+    #[error("internal error: {0}")]
+    Internal(String),
+
     #[error("{layer} {table}: {source}")]
     Table {
         layer: String,

@@ -66,6 +66,7 @@ impl AppendBuilder {
             builder: self,
             writer,
             rows: 0,
+            absorbed: Vec::new(),
         })
     }
 }
@@ -75,6 +76,8 @@ pub struct StagedAppend {
     builder: AppendBuilder,
     writer: RecordBatchWriter,
     rows: u64,
+    /// Files of other stagings folded into this one, committed with it.
+    absorbed: Vec<deltalake::kernel::Add>,
 }
 
 impl std::fmt::Debug for StagedAppend {
@@ -113,15 +116,36 @@ impl StagedAppend {
         self.rows
     }
 
+    /// Folds another staging of the same table into this one, so that several writers can
+    /// encode in parallel and still commit as one version.
+    pub async fn absorb(&mut self, mut other: StagedAppend) -> Result<()> {
+        if other.builder.url != self.builder.url {
+            return Err(EngineError::InvalidWrite {
+                table: self.builder.url.to_string(),
+                reason: format!("cannot absorb files staged for {}", other.builder.url),
+            });
+        }
+        let adds = other
+            .writer
+            .flush()
+            .await
+            .map_err(|e| EngineError::delta(&other.builder.url, e))?;
+        self.absorbed.extend(adds);
+        self.absorbed.append(&mut other.absorbed);
+        self.rows += other.rows;
+        Ok(())
+    }
+
     /// Commits the staged files as one Delta version (creating the table when absent). With a
     /// transaction that the table already holds, nothing is committed.
     pub async fn commit(mut self, txn: Option<&AppTransaction>) -> Result<CommitMetrics> {
         let url = self.builder.url.clone();
-        let adds = self
+        let mut adds = self
             .writer
             .flush()
             .await
             .map_err(|e| EngineError::delta(&url, e))?;
+        adds.append(&mut self.absorbed);
         let table = match table::open_table(&url).await? {
             Some(t) => t,
             None => {

@@ -161,11 +161,11 @@ async fn stage_table(
     let state_version = Some(put_typed(run.state(), &key, &state, version).await?);
 
     let schema = bronze_schema(&source);
-    let mut staged = AppendBuilder::new(url, Arc::clone(&schema))
+    let source = Arc::new(source);
+    let builder = AppendBuilder::new(url, Arc::clone(&schema))
         .with_partition_columns([INGEST_DATE])
-        .with_target_file_size(run.pipeline.target_file_size())
-        .stage()?;
-    let metadata = IngestMetadata {
+        .with_target_file_size(run.pipeline.target_file_size());
+    let metadata = Arc::new(IngestMetadata {
         ingest_ts: run.started_at.timestamp_micros(),
         ingest_date: i32::try_from(
             (run.started_at.date_naive() - chrono::NaiveDate::default()).num_days(),
@@ -173,27 +173,70 @@ async fn stage_table(
         .unwrap_or(0),
         source: format!("files:{name}"),
         run_id: run.options.run_id.clone(),
-    };
+    });
     let bar = run.progress(Layer::Bronze, &name);
-    // The next file is fetched and parsed while the current one is encoded.
-    let source = &source;
-    let mut reads = futures::stream::iter(
-        new_files
-            .iter()
-            .map(|file| async move { (file, source.read(file).await) }),
-    )
-    .buffered(2);
-    let mut i = 0;
-    while let Some((file, batches)) = reads.next().await {
-        i += 1;
-        bar.set_message(format!("file {i}/{}: {}", new_files.len(), file.location));
-        for batch in batches? {
-            summary.rows_read += batch.num_rows() as u64;
-            staged.write(metadata.attach(&batch, &schema)?).await?;
-        }
-        summary.files_read += 1;
-        summary.bytes_read += file.size;
+    // Parquet encoding is the costly part and one writer encodes on one core: the files are
+    // dealt out to one writer task per core, and their staged files commit together.
+    let writers = run
+        .ctx
+        .copied_config()
+        .target_partitions()
+        .clamp(1, new_files.len());
+    let mut groups: Vec<Vec<LandedFile>> = vec![Vec::new(); writers];
+    for (i, file) in new_files.into_iter().enumerate() {
+        groups[i % writers].push(file);
     }
+    let total_files = files.len();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks = groups.into_iter().map(|group| {
+        let (builder, source, metadata, schema) = (
+            builder.clone(),
+            Arc::clone(&source),
+            Arc::clone(&metadata),
+            Arc::clone(&schema),
+        );
+        let (bar, done) = (bar.clone(), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut staged = builder.stage()?;
+            let mut part = TableSummary::default();
+            // The next file is fetched and parsed while the current one is encoded.
+            let mut reads = futures::stream::iter(group.into_iter().map(|file| {
+                let source = Arc::clone(&source);
+                async move {
+                    let read = source.read(&file).await;
+                    (file, read)
+                }
+            }))
+            .buffered(2);
+            while let Some((file, batches)) = reads.next().await {
+                let i = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                bar.set_message(format!("file {i}/{total_files}: {}", file.location));
+                for batch in batches? {
+                    part.rows_read += batch.num_rows() as u64;
+                    staged.write(metadata.attach(&batch, &schema)?).await?;
+                }
+                part.files_read += 1;
+                part.bytes_read += file.size;
+            }
+            Ok::<_, JobError>((staged, part))
+        })
+    });
+    let mut staged: Option<StagedAppend> = None;
+    for joined in futures::future::join_all(tasks).await {
+        let (part_staged, part) = joined
+            .map_err(|e| JobError::Internal(format!("a bronze writer task failed: {e}")))??;
+        summary.rows_read += part.rows_read;
+        summary.files_read += part.files_read;
+        summary.bytes_read += part.bytes_read;
+        match staged.as_mut() {
+            None => staged = Some(part_staged),
+            Some(s) => s.absorb(part_staged).await?,
+        }
+    }
+    let staged = match staged {
+        Some(s) => s,
+        None => builder.stage()?,
+    };
     bar.finish_and_clear();
     Ok(Ok(Staged {
         spec_table: name,
