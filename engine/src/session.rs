@@ -21,6 +21,9 @@ pub const LAYER_SCHEMAS: [&str; 3] = ["bronze", "silver", "gold"];
 pub struct SessionOptions {
     /// Partitions a plan is split into; defaults to the number of cores.
     pub target_partitions: Option<usize>,
+    /// Bytes query execution may hold; beyond them operators that can spill (sort, hash
+    /// aggregation, sort-merge join) write to local disk. `None`: unbounded.
+    pub memory_limit: Option<usize>,
     /// Extra `datafusion.*` settings, applied last.
     pub datafusion_settings: Vec<(String, String)>,
 }
@@ -45,7 +48,15 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
     for (key, value) in &options.datafusion_settings {
         config.options_mut().set(key, value)?;
     }
-    let runtime = RuntimeEnvBuilder::new().build_arc()?;
+    let mut runtime = RuntimeEnvBuilder::new();
+    if let Some(limit) = options.memory_limit {
+        // Fair shares between the spilling operators of a plan, so one sort cannot starve
+        // another into failing; spill files go to the OS temp folder.
+        runtime = runtime.with_memory_pool(Arc::new(
+            datafusion::execution::memory_pool::FairSpillPool::new(limit),
+        ));
+    }
+    let runtime = runtime.build_arc()?;
     // Delta's planner: writes, MERGE and overwrite plan their own nodes with this session, so
     // the tables, functions and settings of a run stay the same from read to commit.
     // DataFusion pushes struct field access (`message['id']`) below the projection that

@@ -41,6 +41,10 @@ enum Command {
         /// DataFusion target partitions; default: the number of cores.
         #[arg(long)]
         target_partitions: Option<usize>,
+        /// Memory budget of query execution (`2GiB`, `512MiB`): sorts, joins and aggregations
+        /// spill to local disk beyond it instead of failing.
+        #[arg(long, env = "MEDALLION_MEMORY_LIMIT", value_parser = parse_size)]
+        memory_limit: Option<usize>,
     },
     /// Check a pipeline without reading or writing any data.
     Validate {
@@ -124,6 +128,33 @@ fn main() -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
+/// `2GiB`, `512MiB`, `1.5GB`, `100000000`: binary units for `Ki`/`Mi`/`Gi`, decimal otherwise.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size such as 2GiB or 512MiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' in '{text}' (use KiB, MiB, GiB)"
+            ));
+        }
+    };
+    Ok((value * scale) as usize)
+}
+
 async fn dispatch(command: Command) -> i32 {
     let progress = std::io::stderr().is_terminal();
     match command {
@@ -135,6 +166,7 @@ async fn dispatch(command: Command) -> i32 {
             state,
             summary,
             target_partitions,
+            memory_limit,
         } => {
             let loaded = Pipeline::load(&pipeline, &vars).and_then(|p| {
                 let store = medallion_jobs::state_store(state.as_deref(), &p)?;
@@ -155,6 +187,7 @@ async fn dispatch(command: Command) -> i32 {
                 progress,
                 session: medallion_engine::session::SessionOptions {
                     target_partitions,
+                    memory_limit,
                     ..Default::default()
                 },
             };

@@ -102,6 +102,46 @@ pub struct RuleResult {
     pub failed_rows: u64,
 }
 
+/// Rows counted per `_dq_rule` value while a checked batch streams past.
+#[derive(Debug, Clone, Default)]
+pub struct RuleTally {
+    rows: u64,
+    failed: std::collections::HashMap<String, u64>,
+}
+
+impl RuleTally {
+    /// Counts one checked batch and returns which of its rows failed a rule.
+    pub fn add(
+        &mut self,
+        batch: &datafusion::arrow::record_batch::RecordBatch,
+    ) -> Result<datafusion::arrow::array::BooleanArray, QualityError> {
+        use datafusion::arrow::array::AsArray;
+        let column = batch.column_by_name(DQ_RULE_COLUMN).ok_or_else(|| {
+            DataFusionError::Internal(format!("a checked batch has no {DQ_RULE_COLUMN} column"))
+        })?;
+        let column =
+            datafusion::arrow::compute::cast(column, &datafusion::arrow::datatypes::DataType::Utf8)
+                .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?;
+        let names = column.as_string::<i32>();
+        self.rows += batch.num_rows() as u64;
+        for name in names.iter().flatten() {
+            match self.failed.get_mut(name) {
+                Some(n) => *n += 1,
+                None => {
+                    self.failed.insert(name.to_string(), 1);
+                }
+            }
+        }
+        Ok(datafusion::arrow::compute::is_not_null(&column)
+            .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?)
+    }
+
+    /// Rows counted.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+}
+
 /// The ordered rules of one table.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
@@ -124,6 +164,33 @@ impl RuleSet {
 
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// Whether some rule only warns: its count needs [`RuleSet::results`], since a warning
+    /// leaves no mark in `_dq_rule`.
+    pub fn has_warnings(&self) -> bool {
+        self.rules.iter().any(|r| r.action == Action::Warn)
+    }
+
+    /// Results of the built-in rule and of every quarantine and fail rule, from a tally of
+    /// the checked rows; warn rules count 0 here.
+    pub fn results_from_tally(&self, tally: &RuleTally) -> Vec<RuleResult> {
+        let count = |name: &str| tally.failed.get(name).copied().unwrap_or(0);
+        std::iter::once(RuleResult {
+            rule: MALFORMED_RULE.to_string(),
+            action: Action::Quarantine,
+            failed_rows: count(MALFORMED_RULE),
+        })
+        .chain(self.rules.iter().map(|r| RuleResult {
+            rule: r.name.clone(),
+            action: r.action,
+            failed_rows: if r.action == Action::Warn {
+                0
+            } else {
+                count(&r.name)
+            },
+        }))
+        .collect()
     }
 
     /// `NOT coalesce((check), false)`: true for rows that fail `rule`.

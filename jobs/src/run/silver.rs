@@ -5,7 +5,12 @@
 //! exactly that batch, and the transaction ids of the quarantine append and the MERGE make
 //! each write happen once.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
+use futures::StreamExt as _;
 
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{DataFrame, col, lit};
@@ -14,7 +19,7 @@ use medallion_engine::dedup::DedupBuilder;
 use medallion_engine::ops::{AppendBuilder, UpsertBuilder};
 use medallion_engine::session::sql_with_table;
 use medallion_engine::table;
-use medallion_quality::{Action, DQ_RULE_COLUMN, RuleSet};
+use medallion_quality::{Action, DQ_RULE_COLUMN, RuleSet, RuleTally};
 use serde::{Deserialize, Serialize};
 
 use super::bronze::{INGEST_DATE, INGEST_TS, RUN_ID};
@@ -142,21 +147,34 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
             batch,
             Some(medallion_connectors::files::CORRUPT_RECORD),
         )
-        .await?
-        .cache()
         .await?;
+    // One pass: the checked rows stream into the shaping SQL and the dedup, and on their way
+    // the rows that failed a rule are counted and kept aside for quarantine. Nothing of the
+    // batch is cached, and the rules (and a JSON parse) run once per row.
+    let router = Arc::new(Mutex::new(Router::default()));
+    let valid = route_checked_rows(&run.ctx, checked.clone(), Arc::clone(&router)).await?;
+    bar.set_message("shaping and deduplicating");
+    let deduped = shape_and_dedup(run, spec, valid).await?;
     tracing::debug!(
         table = name,
         ms = elapsed_ms(started),
-        "rules applied and batch cached"
+        "rules applied, valid rows shaped and deduplicated"
     );
-    let results = rules.results(&run.ctx, &checked).await?;
-    summary.rows_read = checked.clone().count().await? as u64;
-    tracing::debug!(
-        table = name,
-        ms = elapsed_ms(started),
-        "rule results counted"
+    let Router { tally, quarantined } = std::mem::take(
+        &mut *router
+            .lock()
+            .map_err(|_| JobError::Internal("the row router was poisoned".into()))?,
     );
+    let mut results = rules.results_from_tally(&tally);
+    if rules.has_warnings() {
+        let counted = rules.results(&run.ctx, &checked).await?;
+        for (r, c) in results.iter_mut().zip(counted) {
+            if r.action == Action::Warn {
+                r.failed_rows = c.failed_rows;
+            }
+        }
+    }
+    summary.rows_read = tally.rows();
     for r in &results {
         if r.action == Action::Fail && r.failed_rows > 0 {
             return Err(JobError::DataQuality {
@@ -188,55 +206,39 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         ..TableSummary::default()
     };
     let q_url = run.pipeline.table_url("silver", &quarantine_name)?;
-    if summary.rows_quarantined > 0 {
-        bar.set_message(format!("quarantining {} rows", summary.rows_quarantined));
-        let quarantined = quarantine_rows(
-            checked.clone().filter(col(DQ_RULE_COLUMN).is_not_null())?,
-            spec,
-            &run.options.run_id,
-        )?;
-        let schema = std::sync::Arc::new(quarantined.schema().as_arrow().clone());
-        let mut staged = AppendBuilder::new(q_url.clone(), schema)
+    let derived: Vec<String> = spec
+        .derive
+        .iter()
+        .map(|d| d.get_ref().name.clone())
+        .collect();
+    let quarantine =
+        QuarantineShape::new(checked.schema().as_arrow(), &derived, &run.options.run_id);
+    let q_exists = table::open_table(&q_url).await?.is_some();
+    if summary.rows_quarantined > 0 || !q_exists {
+        let mut staged_q = AppendBuilder::new(q_url.clone(), Arc::clone(&quarantine.schema))
             .with_partition_columns([INGEST_DATE])
             .with_target_file_size(run.pipeline.target_file_size())
             .stage()?;
-        for b in quarantined.collect().await? {
-            staged.write(b).await?;
+        for rows in &quarantined {
+            staged_q.write(quarantine.project(rows)?).await?;
         }
-        let metrics = staged
-            .commit(Some(&run.transaction(Layer::Silver, &quarantine_name, seq)))
-            .await?;
+        // Readers find the quarantine table of every entity, empty until a row fails.
+        let txn = (summary.rows_quarantined > 0)
+            .then(|| run.transaction(Layer::Silver, &quarantine_name, seq));
+        let metrics = staged_q.commit(txn.as_ref()).await?;
         quarantine_summary.rows_written = metrics.rows_inserted;
         quarantine_summary.files_written = metrics.files_added;
         quarantine_summary.delta_version = metrics.version;
         if let Some(t) = table::open_table(&q_url).await? {
             quarantine_summary.table_bytes = table::data_files(&t).0;
         }
-    } else {
+    }
+    if summary.rows_quarantined == 0 {
         quarantine_summary.skipped = Some("no quarantined rows".into());
-        if table::open_table(&q_url).await?.is_none() {
-            // Readers find the quarantine table of every entity, empty until a row fails.
-            let empty = quarantine_rows(
-                checked.clone().limit(0, Some(0))?,
-                spec,
-                &run.options.run_id,
-            )?;
-            let schema = std::sync::Arc::new(empty.schema().as_arrow().clone());
-            let created = AppendBuilder::new(q_url.clone(), schema)
-                .with_partition_columns([INGEST_DATE])
-                .stage()?
-                .commit(None)
-                .await?;
-            quarantine_summary.delta_version = created.version;
-        }
     }
 
     tracing::debug!(table = name, ms = elapsed_ms(started), "quarantine written");
-    bar.set_message("shaping and merging");
-    let valid = checked
-        .filter(col(DQ_RULE_COLUMN).is_null())?
-        .drop_columns(&[DQ_RULE_COLUMN])?;
-    let deduped = shape_and_dedup(run, spec, valid).await?;
+    bar.set_message("merging");
     let url = run.pipeline.table_url("silver", &name)?;
     let mut winner_order = spec.keep_latest_by.clone();
     winner_order.extend(TIE_BREAK.iter().map(|s| (*s).to_string()));
@@ -295,22 +297,173 @@ pub(crate) async fn with_derived(
     Ok(df)
 }
 
-/// Quarantine rows: the bronze columns and `_dq_rule`, with `_run_id` naming the run that
-/// quarantined them and the bronze run id kept as `_ingest_run_id`.
-fn quarantine_rows(
-    failed: DataFrame,
-    spec: &SilverSpec,
-    run_id: &str,
+/// What the checked rows left behind on their way to the shaping SQL.
+#[derive(Debug, Default)]
+struct Router {
+    tally: RuleTally,
+    /// Rows that failed a rule (all checked columns); a small share of a batch.
+    quarantined: Vec<RecordBatch>,
+}
+
+/// A table over the checked rows without `_dq_rule`, streaming from `checked`'s execution:
+/// every batch is tallied and its failed rows set aside in `router` as it passes. Each
+/// partition can be read once. A table scan also fences the optimizer: no expression of the
+/// rules (a `json_tuple` parse) is copied into the SQL that reads the rows.
+async fn route_checked_rows(
+    ctx: &datafusion::prelude::SessionContext,
+    checked: DataFrame,
+    router: Arc<Mutex<Router>>,
 ) -> Result<DataFrame, JobError> {
-    let derived: Vec<&str> = spec
-        .derive
-        .iter()
-        .map(|d| d.get_ref().name.as_str())
+    use datafusion::catalog::streaming::StreamingTable;
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+
+    let plan = checked.create_physical_plan().await?;
+    let in_schema = plan.schema();
+    let dq = in_schema
+        .index_of(DQ_RULE_COLUMN)
+        .map_err(datafusion::error::DataFusionError::from)?;
+    let keep: Vec<usize> = (0..in_schema.fields().len()).filter(|i| *i != dq).collect();
+    let out_schema: SchemaRef = Arc::new(
+        in_schema
+            .project(&keep)
+            .map_err(datafusion::error::DataFusionError::from)?,
+    );
+    let streams = datafusion::physical_plan::execute_stream_partitioned(plan, ctx.task_ctx())?;
+    let partitions = streams
+        .into_iter()
+        .map(|stream| {
+            let (router, keep, schema) =
+                (Arc::clone(&router), keep.clone(), Arc::clone(&out_schema));
+            let valid = stream.map(move |batch| {
+                let batch = batch?;
+                let external = |e: String| datafusion::error::DataFusionError::Execution(e);
+                let mut r = router
+                    .lock()
+                    .map_err(|_| external("the row router was poisoned".into()))?;
+                let failed = r.tally.add(&batch).map_err(|e| external(e.to_string()))?;
+                if failed.true_count() > 0 {
+                    r.quarantined
+                        .push(arrow::compute::filter_record_batch(&batch, &failed)?);
+                }
+                drop(r);
+                let passed = arrow::compute::not(&failed)?;
+                Ok(arrow::compute::filter_record_batch(&batch, &passed)?.project(&keep)?)
+            });
+            Arc::new(OneShotPartition {
+                schema: Arc::clone(&schema),
+                stream: Mutex::new(Some(Box::pin(RecordBatchStreamAdapter::new(schema, valid)))),
+            }) as Arc<dyn datafusion::physical_plan::streaming::PartitionStream>
+        })
         .collect();
-    Ok(failed
-        .drop_columns(&derived)?
-        .with_column(INGEST_RUN_ID, col(RUN_ID))?
-        .with_column(RUN_ID, lit(run_id))?)
+    let table = StreamingTable::try_new(out_schema, partitions)?;
+    Ok(ctx.read_table(Arc::new(table))?)
+}
+
+/// A partition of a [`StreamingTable`](datafusion::catalog::streaming::StreamingTable) that
+/// yields an already running stream, once.
+struct OneShotPartition {
+    schema: SchemaRef,
+    stream: Mutex<Option<datafusion::execution::SendableRecordBatchStream>>,
+}
+
+impl std::fmt::Debug for OneShotPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OneShotPartition").finish_non_exhaustive()
+    }
+}
+
+impl datafusion::physical_plan::streaming::PartitionStream for OneShotPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(
+        &self,
+        _ctx: Arc<datafusion::execution::TaskContext>,
+    ) -> datafusion::execution::SendableRecordBatchStream {
+        let taken = self.stream.lock().ok().and_then(|mut s| s.take());
+        taken.unwrap_or_else(|| {
+            let schema = Arc::clone(&self.schema);
+            let failed = futures::stream::once(async {
+                Err(datafusion::error::DataFusionError::Internal(
+                    "a one-shot partition was read twice".into(),
+                ))
+            });
+            Box::pin(
+                datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema, failed),
+            )
+        })
+    }
+}
+
+/// Quarantine rows: the bronze columns and `_dq_rule`, with `_run_id` naming the run that
+/// quarantined them and the bronze run id kept as `_ingest_run_id`; derived columns dropped.
+struct QuarantineShape {
+    schema: SchemaRef,
+    /// Index in the checked batch of each output column but the last (`_ingest_run_id`).
+    sources: Vec<usize>,
+    run_id_at: Option<usize>,
+    run_id: String,
+}
+
+impl QuarantineShape {
+    fn new(checked: &Schema, derived: &[String], run_id: &str) -> Self {
+        let mut fields = Vec::new();
+        let mut sources = Vec::new();
+        let mut run_id_at = None;
+        for (i, f) in checked.fields().iter().enumerate() {
+            if derived.contains(f.name()) {
+                continue;
+            }
+            if f.name() == RUN_ID {
+                run_id_at = Some(i);
+            }
+            fields.push(f.as_ref().clone());
+            sources.push(i);
+        }
+        if let Some(i) = run_id_at {
+            fields.push(checked.field(i).clone().with_name(INGEST_RUN_ID));
+        }
+        Self {
+            schema: Arc::new(Schema::new(fields)),
+            sources,
+            run_id_at,
+            run_id: run_id.to_string(),
+        }
+    }
+
+    fn project(&self, rows: &RecordBatch) -> Result<RecordBatch, JobError> {
+        let n = rows.num_rows();
+        let this_run = arrow::compute::cast(
+            &StringArray::from_iter_values(std::iter::repeat_n(&self.run_id, n)),
+            self.run_id_at
+                .map_or(&DataType::Utf8, |i| rows.schema_ref().field(i).data_type()),
+        )
+        .map_err(datafusion::error::DataFusionError::from)?;
+        let mut columns: Vec<ArrayRef> = self
+            .sources
+            .iter()
+            .map(|i| {
+                if Some(*i) == self.run_id_at {
+                    Arc::clone(&this_run)
+                } else {
+                    Arc::clone(rows.column(*i))
+                }
+            })
+            .collect();
+        if let Some(i) = self.run_id_at {
+            columns.push(Arc::clone(rows.column(i)));
+        }
+        // A plan may produce a string column as Utf8View where its schema says Utf8.
+        for (column, field) in columns.iter_mut().zip(self.schema.fields()) {
+            if column.data_type() != field.data_type() {
+                *column = arrow::compute::cast(column, field.data_type())
+                    .map_err(datafusion::error::DataFusionError::from)?;
+            }
+        }
+        Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)
+            .map_err(datafusion::error::DataFusionError::from)?)
+    }
 }
 
 /// Runs the table's SQL over `valid` (as `input`) and keeps one row per key: the greatest
@@ -322,6 +475,10 @@ pub(crate) async fn shape_and_dedup(
 ) -> Result<DataFrame, JobError> {
     let sql = run.pipeline.sql(&spec.sql)?;
     let shaped = sql_with_table(&run.ctx, INPUT_RELATION, valid, sql).await?;
+    if tracing::enabled!(tracing::Level::TRACE) {
+        let plan = shaped.clone().into_optimized_plan()?;
+        tracing::trace!(table = spec.table.get_ref(), plan = %plan.display_indent(), "shaped plan");
+    }
     dedup(&run.ctx, shaped, spec).await
 }
 
