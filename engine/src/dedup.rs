@@ -207,7 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_the_greatest_row_per_key_with_nulls_losing_and_ties_to_the_later() {
-        let ctx = SessionContext::new();
+        let ctx = crate::session::new_session(&Default::default()).unwrap();
         let a = batch(
             &["x", "y", "z", "w"],
             &[Some(5), None, Some(1), Some(7)],
