@@ -180,6 +180,7 @@ def engines(args, landing, work):
 
 # ---------------------------------------------------------------- gold equality
 def normalise(value):
+    """Parquet values to the text medallion's CSV export writes (which passes through as is)."""
     if value is None:
         return ""
     if isinstance(value, decimal.Decimal):
@@ -211,8 +212,6 @@ def gold_rows(engine, out, medallion):
         for r in rel.fetchall():
             key = tuple(normalise(v) if n not in FLOAT_COLUMNS else "" for n, v in zip(names, r))
             floats = tuple(None if v in (None, "") else float(v) for n, v in zip(names, r) if n in FLOAT_COLUMNS)
-            if engine == "medallion":  # CSV text: money already has two decimals, dates are ISO
-                key = tuple("" if n in FLOAT_COLUMNS else (v or "") for n, v in zip(names, r))
             rows.append((key, floats))
         tables[t] = (names, sorted(rows))
     return tables

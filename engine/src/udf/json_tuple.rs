@@ -25,13 +25,9 @@ struct JsonTuple {
 }
 
 /// `json_tuple(text, 'k1', …) -> struct<k1: utf8, …>`.
-///
-/// Declared volatile although it is deterministic: the optimizer then never copies the parse
-/// into a pushed-down filter or a merged projection, so a derived `json_tuple` column is
-/// computed once per row however many rules and columns read its fields.
 pub fn json_tuple_udf() -> ScalarUDF {
     ScalarUDF::new_from_impl(JsonTuple {
-        signature: Signature::variadic_any(Volatility::Volatile),
+        signature: Signature::variadic_any(Volatility::Immutable),
     })
 }
 

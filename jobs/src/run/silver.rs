@@ -240,10 +240,8 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     tracing::debug!(table = name, ms = elapsed_ms(started), "quarantine written");
     bar.set_message("merging");
     let url = run.pipeline.table_url("silver", &name)?;
-    let mut winner_order = spec.keep_latest_by.clone();
-    winner_order.extend(TIE_BREAK.iter().map(|s| (*s).to_string()));
     let metrics = UpsertBuilder::new(url.clone(), deduped, spec.key.clone())
-        .with_winner_order(winner_order)
+        .with_winner_order(winner_order(spec))
         .with_partition_columns(spec.partition_by.clone())
         .with_transaction(run.transaction(Layer::Silver, &name, seq))
         .execute()
@@ -482,15 +480,21 @@ pub(crate) async fn shape_and_dedup(
     dedup(&run.ctx, shaped, spec).await
 }
 
+/// The columns that decide which row a key keeps, in the batch and against the table alike:
+/// `keep_latest_by`, then the row seen last.
+fn winner_order(spec: &SilverSpec) -> Vec<String> {
+    let mut order = spec.keep_latest_by.clone();
+    order.extend(TIE_BREAK.iter().map(|s| (*s).to_string()));
+    order
+}
+
 pub(crate) async fn dedup(
     ctx: &datafusion::prelude::SessionContext,
     shaped: DataFrame,
     spec: &SilverSpec,
 ) -> Result<DataFrame, JobError> {
-    let mut order = spec.keep_latest_by.clone();
-    order.extend(TIE_BREAK.iter().map(|s| (*s).to_string()));
     Ok(DedupBuilder::new(shaped, spec.key.clone())
-        .with_winner_order(order)
+        .with_winner_order(winner_order(spec))
         .with_cluster_by(spec.partition_by.clone())
         .with_output_partitions(ctx.copied_config().target_partitions())
         .execute(ctx)
