@@ -31,6 +31,7 @@ pub mod error;
 pub mod location;
 pub mod ops;
 pub mod session;
+pub mod skew;
 pub mod table;
 pub mod udf;
 

@@ -10,6 +10,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 
 use crate::error::Result;
+use crate::skew::{BroadcastSmallBuildSide, MeterHashRepartitions, SkewMeter, SkewOptions};
 use crate::udf;
 
 /// The schemas tables are registered under: `bronze.orders`, `silver.orders`, ...
@@ -19,6 +20,8 @@ pub const LAYER_SCHEMAS: [&str; 3] = ["bronze", "silver", "gold"];
 /// new knobs of our own.
 #[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
+    /// Broadcasting small join sides so that hot keys do not pile onto one partition.
+    pub skew: SkewOptions,
     /// Partitions a plan is split into; defaults to the number of cores.
     pub target_partitions: Option<usize>,
     /// Bytes query execution may hold; beyond them operators that can spill (sort, hash
@@ -48,6 +51,8 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
     for (key, value) in &options.datafusion_settings {
         config.options_mut().set(key, value)?;
     }
+    let meter = SkewMeter::default();
+    config = config.with_extension(Arc::new(meter.clone()));
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = options.memory_limit {
         // Fair shares between the spilling operators of a plan, so one sort cannot starve
@@ -72,9 +77,21 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
             )
         })
         .collect();
+    let mut physical_rules = Vec::new();
+    for rule in datafusion::physical_optimizer::optimizer::PhysicalOptimizer::new().rules {
+        let after_join_selection = rule.name() == "join_selection";
+        physical_rules.push(rule);
+        if after_join_selection {
+            physical_rules.push(Arc::new(BroadcastSmallBuildSide::new(
+                options.skew.broadcast_max_rows,
+            )) as _);
+        }
+    }
+    physical_rules.push(Arc::new(MeterHashRepartitions::new(meter)) as _);
     let state = SessionStateBuilder::new()
         .with_default_features()
         .with_optimizer_rules(optimizer_rules)
+        .with_physical_optimizer_rules(physical_rules)
         .with_config(config)
         .with_runtime_env(runtime)
         .with_query_planner(DeltaPlanner::new())
@@ -93,6 +110,11 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
         )?;
     }
     Ok(ctx)
+}
+
+/// The repartition row counts of a session made by [`new_session`].
+pub fn skew_meter(ctx: &SessionContext) -> Option<Arc<SkewMeter>> {
+    ctx.state().config().get_extension::<SkewMeter>()
 }
 
 /// Plans `sql` with `df` visible as the table `name`, then removes the name: the returned

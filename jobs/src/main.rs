@@ -45,6 +45,11 @@ enum Command {
         /// spill to local disk beyond it instead of failing.
         #[arg(long, env = "MEDALLION_MEMORY_LIMIT", value_parser = parse_size)]
         memory_limit: Option<usize>,
+        /// A hash join whose smaller side has at most this many rows broadcasts it instead of
+        /// shuffling both sides on the join keys, so a hot key cannot load one partition
+        /// (Spark's autoBroadcastJoinThreshold, in rows); 0 turns it off.
+        #[arg(long, env = "MEDALLION_BROADCAST_MAX_ROWS", default_value_t = medallion_engine::skew::DEFAULT_BROADCAST_MAX_ROWS)]
+        broadcast_max_rows: usize,
     },
     /// Check a pipeline without reading or writing any data.
     Validate {
@@ -167,6 +172,7 @@ async fn dispatch(command: Command) -> i32 {
             summary,
             target_partitions,
             memory_limit,
+            broadcast_max_rows,
         } => {
             let loaded = Pipeline::load(&pipeline, &vars).and_then(|p| {
                 let store = medallion_jobs::state_store(state.as_deref(), &p)?;
@@ -188,6 +194,7 @@ async fn dispatch(command: Command) -> i32 {
                 session: medallion_engine::session::SessionOptions {
                     target_partitions,
                     memory_limit,
+                    skew: medallion_engine::skew::SkewOptions { broadcast_max_rows },
                     ..Default::default()
                 },
             };

@@ -1,6 +1,7 @@
 //! The machine-readable record every run ends with: written to a file and printed as the
 //! last line of stdout, so an orchestrator never has to parse logs.
 
+use medallion_engine::skew::RepartitionImbalance;
 use medallion_quality::RuleResult;
 use serde::Serialize;
 
@@ -28,6 +29,9 @@ pub struct TableSummary {
     pub skipped: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleResult>,
+    /// How evenly each hash repartition of the table's queries spread its rows.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repartitions: Vec<RepartitionImbalance>,
 }
 
 /// The summary of a whole run.

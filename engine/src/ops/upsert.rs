@@ -78,16 +78,19 @@ impl UpsertBuilder {
             .iter()
             .map(|f| f.name().clone())
             .collect();
+        // `=` rather than `IS NOT DISTINCT FROM` when no incoming key is null: delta-rs turns an
+        // equality on a column into `target.k BETWEEN min(source.k) AND max(source.k)` and
+        // skips every file whose statistics fall outside, so a small batch whose keys are
+        // close together (new events, say) rewrites a few files instead of the whole table.
+        let key_op = if source_has_null_key(&self.source, &self.keys).await? {
+            Operator::IsNotDistinctFrom
+        } else {
+            Operator::Eq
+        };
         let on = self
             .keys
             .iter()
-            .map(|k| {
-                binary_expr(
-                    side("target", k),
-                    Operator::IsNotDistinctFrom,
-                    side("source", k),
-                )
-            })
+            .map(|k| binary_expr(side("target", k), key_op, side("source", k)))
             .reduce(Expr::and)
             .ok_or_else(|| EngineError::InvalidWrite {
                 table: self.url.to_string(),
@@ -127,6 +130,13 @@ impl UpsertBuilder {
             already_committed: false,
         })
     }
+}
+
+async fn source_has_null_key(source: &DataFrame, keys: &[String]) -> Result<bool> {
+    let Some(any_null) = keys.iter().map(|k| col(datafusion::common::Column::from_name(k.as_str())).is_null()).reduce(Expr::or) else {
+        return Ok(false);
+    };
+    Ok(source.clone().filter(any_null)?.limit(0, Some(1))?.count().await? > 0)
 }
 
 fn side(alias: &str, column: &str) -> Expr {

@@ -80,6 +80,7 @@ async fn run_model(
     }
     let bar = run.progress(Layer::Gold, &name);
     bar.set_message("building");
+    run.repartitions();
     let seq = state.seq + 1;
     let metrics = OverwriteBuilder::new(url.clone(), df)
         .with_partition_columns(spec.partition_by.clone())
@@ -99,6 +100,7 @@ async fn run_model(
     summary.files_written = metrics.files_added;
     summary.delta_version = metrics.version;
     summary.duration_ms = elapsed_ms(started);
+    summary.repartitions = run.repartitions();
     tracing::info!(table = name, rows = summary.rows_written, version = ?summary.delta_version, "gold written");
     Ok(Some(summary))
 }

@@ -112,6 +112,14 @@ impl RunContext<'_> {
         bar
     }
 
+    /// How evenly the hash repartitions run since the last call spread their rows; a table's
+    /// runner calls it when it starts (to forget what came before) and when it ends.
+    pub fn repartitions(&self) -> Vec<medallion_engine::skew::RepartitionImbalance> {
+        session::skew_meter(&self.ctx)
+            .map(|meter| meter.take())
+            .unwrap_or_default()
+    }
+
     /// (Re-)registers every table of the lake, so queries see latest versions.
     pub async fn register_tables(&self) -> Result<(), JobError> {
         register_lake(&self.ctx, self.pipeline, Some(&self.validated)).await

@@ -81,6 +81,7 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     };
     // Rules and SQL may read other silver tables (written earlier in this run).
     run.register_tables().await?;
+    run.repartitions();
     let bronze_url = run.pipeline.table_url("bronze", &spec.from)?;
     if table::open_table(&bronze_url).await?.is_none() {
         summary.skipped = Some(format!("bronze.{} has no data yet", spec.from));
@@ -263,6 +264,7 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         summary.skipped = Some("already committed by an interrupted run".into());
     }
     summary.duration_ms = elapsed_ms(started);
+    summary.repartitions = run.repartitions();
     quarantine_summary.duration_ms = summary.duration_ms;
     tracing::info!(
         table = name,

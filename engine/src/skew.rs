@@ -1,0 +1,434 @@
+//! Skew: keeping one hot key from putting most of a query on one core, and saying so when
+//! it does.
+//!
+//! Two physical optimizer rules, installed by [`crate::session::new_session`]:
+//!
+//! - [`BroadcastSmallBuildSide`] runs right after DataFusion's join selection. A hash join
+//!   that would shuffle both sides on its keys (`Partitioned`) is turned into a broadcast
+//!   join (`CollectLeft`: the build side is collected once and shared, the probe side keeps
+//!   its own partitioning) when the Delta log's row count says the build side is at most
+//!   [`SkewOptions::broadcast_max_rows`]. Without a shuffle on the join keys, a key that
+//!   holds a quarter of the probe rows (a marketplace's house account, a bot's session) no
+//!   longer lands on one partition. This is Spark's broadcast-join conversion, decided from
+//!   the table statistics rather than DataFusion's 1 MB / 128 K-row default. Hash
+//!   aggregations need no rule of their own: DataFusion pre-aggregates every partition
+//!   before it shuffles on the group keys, so a hot group arrives as one row per partition.
+//! - [`MeterHashRepartitions`] runs last. It puts a row counter above every hash
+//!   repartition, and [`SkewMeter::take`] turns the counts into each repartition's
+//!   imbalance: the largest output partition's rows over the mean. Runs report it per table
+//!   and log a warning above [`IMBALANCE_WARNING`], naming the keys.
+//!
+//! This module decides how rows are spread; it never changes which rows a query returns.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
+use datafusion::config::ConfigOptions;
+use datafusion::error::Result;
+use datafusion::execution::TaskContext;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    ReplaceChildrenOptions, SendableRecordBatchStream,
+};
+use futures::StreamExt;
+use serde::Serialize;
+
+/// A build side of at most this many rows is broadcast rather than shuffled.
+pub const DEFAULT_BROADCAST_MAX_ROWS: usize = 2_000_000;
+
+/// Imbalance above which a repartition is logged as skewed.
+pub const IMBALANCE_WARNING: f64 = 1.5;
+
+/// Repartitions smaller than this are not worth a warning, however uneven.
+const WARNING_MIN_ROWS: u64 = 100_000;
+
+/// How a session treats joins whose keys may be skewed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkewOptions {
+    /// Largest build side, in rows, that a partitioned hash join broadcasts instead;
+    /// 0 turns the rule off.
+    pub broadcast_max_rows: usize,
+}
+
+impl Default for SkewOptions {
+    fn default() -> Self {
+        Self {
+            broadcast_max_rows: DEFAULT_BROADCAST_MAX_ROWS,
+        }
+    }
+}
+
+/// Turns a partitioned hash join with a small build side into a broadcast join.
+#[derive(Debug)]
+pub struct BroadcastSmallBuildSide {
+    max_rows: usize,
+}
+
+impl BroadcastSmallBuildSide {
+    pub fn new(max_rows: usize) -> Self {
+        Self { max_rows }
+    }
+
+    fn rewrite(&self, node: Arc<dyn ExecutionPlan>) -> Result<Transformed<Arc<dyn ExecutionPlan>>> {
+        let Some(join) = node.downcast_ref::<HashJoinExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        if *join.partition_mode() != PartitionMode::Partitioned || join.null_aware {
+            return Ok(Transformed::no(node));
+        }
+        let rows_of = |side: &Arc<dyn ExecutionPlan>| -> Result<Option<usize>> {
+            let stats = StatisticsContext::new().compute(side.as_ref(), &StatisticsArgs::new())?;
+            Ok(stats.num_rows.get_value().copied())
+        };
+        let small = |rows: Option<usize>| rows.is_some_and(|r| r <= self.max_rows);
+        let (left_rows, right_rows) = (rows_of(join.left())?, rows_of(join.right())?);
+        // The build side must be the small one; when only the probe side is known to be
+        // small (the other is a join or an aggregate without statistics), swap them.
+        let broadcast = if small(left_rows) {
+            join.builder()
+                .with_partition_mode(PartitionMode::CollectLeft)
+                .build_exec()?
+        } else if small(right_rows) && join.join_type().supports_swap() {
+            join.swap_inputs(PartitionMode::CollectLeft)?
+        } else {
+            return Ok(Transformed::no(node));
+        };
+        tracing::debug!(
+            build_rows = ?left_rows.min(right_rows),
+            keys = %describe_keys(join.on().iter().map(|(l, _)| l)),
+            "broadcasting the small side of a hash join"
+        );
+        Ok(Transformed::yes(broadcast))
+    }
+}
+
+impl PhysicalOptimizerRule for BroadcastSmallBuildSide {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if self.max_rows == 0 {
+            return Ok(plan);
+        }
+        plan.transform_up(|node| self.rewrite(node)).data()
+    }
+
+    fn name(&self) -> &str {
+        "broadcast_small_build_side"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// One hash repartition's spread of rows over its output partitions.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RepartitionImbalance {
+    /// The hash keys, as `column` names or expressions.
+    pub keys: String,
+    pub partitions: usize,
+    pub rows: u64,
+    pub largest_partition_rows: u64,
+    /// Largest partition's rows over the mean (1.0 is perfectly even).
+    pub imbalance: f64,
+}
+
+/// Row counts of the metered repartitions of a session, collected as plans run.
+#[derive(Debug, Clone, Default)]
+pub struct SkewMeter {
+    counters: Arc<Mutex<Vec<Arc<PartitionRows>>>>,
+}
+
+impl SkewMeter {
+    fn register(&self, counter: Arc<PartitionRows>) {
+        self.counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(counter);
+    }
+
+    /// The repartitions that moved rows since the last call, and forgets them. A table's
+    /// runner calls it before and after its work, so each report covers one table.
+    pub fn take(&self) -> Vec<RepartitionImbalance> {
+        let counters = std::mem::take(
+            &mut *self
+                .counters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let reports: Vec<RepartitionImbalance> =
+            counters.iter().filter_map(|c| c.imbalance()).collect();
+        for r in reports
+            .iter()
+            .filter(|r| r.imbalance > IMBALANCE_WARNING && r.rows >= WARNING_MIN_ROWS)
+        {
+            tracing::warn!(
+                keys = r.keys,
+                partitions = r.partitions,
+                rows = r.rows,
+                imbalance = r.imbalance,
+                "skewed repartition: the largest partition holds {:.1}x the mean",
+                r.imbalance
+            );
+        }
+        reports
+    }
+}
+
+#[derive(Debug)]
+struct PartitionRows {
+    keys: String,
+    rows: Vec<AtomicU64>,
+}
+
+impl PartitionRows {
+    fn imbalance(&self) -> Option<RepartitionImbalance> {
+        let counts: Vec<u64> = self.rows.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+        let rows: u64 = counts.iter().sum();
+        let largest = counts.iter().copied().max()?;
+        if rows == 0 {
+            return None;
+        }
+        let mean = rows as f64 / counts.len() as f64;
+        Some(RepartitionImbalance {
+            keys: self.keys.clone(),
+            partitions: counts.len(),
+            rows,
+            largest_partition_rows: largest,
+            imbalance: (largest as f64 / mean * 100.0).round() / 100.0,
+        })
+    }
+}
+
+/// Puts a [`PartitionRowsExec`] above every hash repartition of a plan.
+#[derive(Debug)]
+pub struct MeterHashRepartitions {
+    meter: SkewMeter,
+}
+
+impl MeterHashRepartitions {
+    pub fn new(meter: SkewMeter) -> Self {
+        Self { meter }
+    }
+}
+
+impl PhysicalOptimizerRule for MeterHashRepartitions {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        plan.transform_up(|node| {
+            let Some(repartition) = node.downcast_ref::<RepartitionExec>() else {
+                return Ok(Transformed::no(node));
+            };
+            let Partitioning::Hash(exprs, n) = repartition.partitioning() else {
+                return Ok(Transformed::no(node));
+            };
+            let counter = Arc::new(PartitionRows {
+                keys: describe_keys(exprs.iter()),
+                rows: (0..*n).map(|_| AtomicU64::new(0)).collect(),
+            });
+            self.meter.register(Arc::clone(&counter));
+            Ok(Transformed::yes(Arc::new(PartitionRowsExec {
+                input: node,
+                counter,
+            }) as Arc<dyn ExecutionPlan>))
+        })
+        .data()
+    }
+
+    fn name(&self) -> &str {
+        "meter_hash_repartitions"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+fn describe_keys<'a>(exprs: impl Iterator<Item = &'a Arc<dyn PhysicalExpr>>) -> String {
+    exprs
+        .map(|e| match e.downcast_ref::<Column>() {
+            Some(c) => c.name().to_string(),
+            None => e.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Passes its input through, counting the rows of each output partition.
+#[derive(Debug)]
+struct PartitionRowsExec {
+    input: Arc<dyn ExecutionPlan>,
+    counter: Arc<PartitionRows>,
+}
+
+impl DisplayAs for PartitionRowsExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "PartitionRowsExec: keys=[{}]", self.counter.keys)
+    }
+}
+
+impl ExecutionPlan for PartitionRowsExec {
+    fn name(&self) -> &str {
+        "PartitionRowsExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.input.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(Self {
+            input: children.swap_remove(0),
+            counter: Arc::clone(&self.counter),
+        }))
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+            ),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context)?;
+        let schema = input.schema();
+        let counter = Arc::clone(&self.counter);
+        let counted = input.inspect(move |batch| {
+            if let (Ok(batch), Some(rows)) = (batch, counter.rows.get(partition)) {
+                rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+            }
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, counted)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{SessionOptions, new_session, skew_meter};
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use datafusion::datasource::MemTable;
+
+    /// 4,000 fact rows, half of them on one key, and a 100-row dimension.
+    fn register(ctx: &datafusion::prelude::SessionContext) -> Result<()> {
+        let facts = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let keys: Vec<String> = (0..4000)
+            .map(|i| if i % 2 == 0 { "hot".into() } else { format!("k{}", i % 99) })
+            .collect();
+        let batch = RecordBatch::try_new(
+            Arc::clone(&facts),
+            vec![
+                Arc::new(StringArray::from(keys)),
+                Arc::new(Int64Array::from_iter_values(0..4000)),
+            ],
+        )?;
+        let parts: Vec<Vec<RecordBatch>> = (0..4).map(|i| vec![batch.slice(i * 1000, 1000)]).collect();
+        ctx.register_table("facts", Arc::new(MemTable::try_new(facts, parts)?))?;
+        let dim = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("name", DataType::Utf8, false),
+        ]));
+        let mut names: Vec<String> = (0..99).map(|i| format!("k{i}")).collect();
+        names.push("hot".into());
+        let batch = RecordBatch::try_new(
+            Arc::clone(&dim),
+            vec![
+                Arc::new(StringArray::from(names.clone())),
+                Arc::new(StringArray::from(names)),
+            ],
+        )?;
+        ctx.register_table("dim", Arc::new(MemTable::try_new(dim, vec![vec![batch]])?))?;
+        Ok(())
+    }
+
+    async fn joined_rows(broadcast_max_rows: usize) -> Result<(u64, Vec<RepartitionImbalance>, String)> {
+        let options = SessionOptions {
+            target_partitions: Some(4),
+            skew: SkewOptions { broadcast_max_rows },
+            // Keep DataFusion's own broadcast out of the way, so the rule is what is tested.
+            datafusion_settings: vec![
+                ("datafusion.optimizer.hash_join_single_partition_threshold".into(), "0".into()),
+                ("datafusion.optimizer.hash_join_single_partition_threshold_rows".into(), "0".into()),
+            ],
+            ..SessionOptions::default()
+        };
+        let ctx = new_session(&options).map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        register(&ctx)?;
+        let meter = skew_meter(&ctx).ok_or_else(|| datafusion::error::DataFusionError::Internal("no meter".into()))?;
+        let sql = "SELECT f.k, d.name, f.v FROM facts f LEFT JOIN dim d ON d.k = f.k";
+        let plan = ctx.sql(&format!("EXPLAIN {sql}")).await?.collect().await?;
+        let plan = datafusion::arrow::util::pretty::pretty_format_batches(&plan)?.to_string();
+        meter.take();
+        let rows = ctx.sql(sql).await?.count().await? as u64;
+        Ok((rows, meter.take(), plan))
+    }
+
+    #[tokio::test]
+    async fn a_hot_key_skews_the_shuffle_and_broadcasting_removes_it() -> Result<()> {
+        let (rows, shuffled, plan) = joined_rows(0).await?;
+        assert_eq!(rows, 4000);
+        assert!(plan.contains("mode=Partitioned"), "{plan}");
+        let worst = shuffled.iter().map(|r| r.imbalance).fold(0.0, f64::max);
+        // Half the rows share one key: at 4 partitions that partition holds >= 2x the mean.
+        assert!(worst >= 2.0, "{shuffled:?}");
+        assert!(shuffled.iter().any(|r| r.keys == "k"), "{shuffled:?}");
+
+        let (rows, broadcast, plan) = joined_rows(1000).await?;
+        assert_eq!(rows, 4000);
+        assert!(plan.contains("mode=CollectLeft"), "{plan}");
+        assert!(!broadcast.iter().any(|r| r.keys == "k"), "{broadcast:?}");
+        Ok(())
+    }
+}
