@@ -299,6 +299,7 @@ def main():
     table = engines(args, landing, work)
     chosen = [e.strip() for e in args.engines.split(",") if e.strip()]
     runs = {e: [] for e in chosen}
+    failed = {}
     for r in range(args.repeat):
         order = chosen[r % len(chosen):] + chosen[:r % len(chosen)]
         for e in order:
@@ -306,13 +307,21 @@ def main():
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"])
             spec = table[e]
-            m = measure(spec["cmd"](out), env=spec.get("env"), server=spec.get("server"),
-                        log=os.path.join(work, f"{e}.log"))
+            try:
+                m = measure(spec["cmd"](out), env=spec.get("env"), server=spec.get("server"),
+                            log=os.path.join(work, f"{e}.log"))
+            except SystemExit as failure:
+                # One engine failing (out of memory, say) is a result; the others still run.
+                failed[e] = str(failure)[-2000:]
+                print(f"  run {r + 1} {e:10s} FAILED: {failed[e][-400:]}", flush=True)
+                continue
             runs[e].append(m)
             print(f"  run {r + 1} {e:10s} wall {m['wall_s']:7.2f} s  cpu {m['cpu_s']:7.2f} s  peak {m['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
 
     summary = {}
     for e, ms in runs.items():
+        if not ms:
+            continue
         best = sorted(ms, key=lambda m: m["wall_s"])[len(ms) // 2]  # the median run
         summary[e] = {**best, "runs": ms, "cost_usd": cost(best)}
     equality = {}
@@ -320,7 +329,7 @@ def main():
         ours = gold_rows("medallion", os.path.join(work, "out-medallion"), args.medallion)
         counts = {t: len(ours[t][1]) for t in GOLD}
         for e in chosen:
-            if e == "medallion":
+            if e == "medallion" or e not in summary:
                 continue
             problems = compare(ours, gold_rows(e, os.path.join(work, f"out-{e}"), args.medallion))
             equality[e] = {"equal": not problems, "problems": problems[:10]}
@@ -346,14 +355,14 @@ def main():
         "scale": args.scale, "repeat": args.repeat, "landed_bytes": landed_bytes, "floor_read_s": floor_s,
         "machine": {"cores": os.cpu_count(), "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "engines": summary, "medallion_ratios": ratios, "gold_equal": equality, "prices": PRICES,
-        "medallion_args": args.medallion_arg, "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "failed": failed, "medallion_args": args.medallion_arg, "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     with open(os.path.join(args.results, f"{tag}.json"), "w") as f:
         json.dump(result, f, indent=2)
     svg_chart({e: summary[e] for e in summary}, os.path.join(args.results, f"{tag}.svg"),
               f"commerce SF {args.scale:g}, {os.cpu_count()} cores: median of {args.repeat} run(s)")
     print(f"results: {os.path.join(args.results, tag + '.json')} and .svg")
-    if any(not q["equal"] for q in equality.values()):
+    if failed or any(not q["equal"] for q in equality.values()):
         sys.exit(1)
 
 

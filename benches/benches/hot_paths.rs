@@ -1,0 +1,257 @@
+//! Criterion benchmarks of the hot paths, on commerce data from the generator.
+//!
+//! `cargo bench -p medallion-benches` (all), or `-- csv` for one group. Sample counts are
+//! small on purpose: each case takes a few seconds, and the whole suite about two minutes on
+//! two cores.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Int64Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{DataFrame, SessionContext};
+use medallion_connectors::files::{FileFormat, FilesSource};
+use medallion_engine::dedup::DedupBuilder;
+use medallion_engine::ops::{OverwriteBuilder, UpsertBuilder};
+use medallion_engine::session::{SessionOptions, new_session};
+use medallion_engine::udf::parse_timestamp_micros;
+use medallion_jobs::generate::{GenerateOptions, generate};
+use medallion_jobs::pipeline::Pipeline;
+use medallion_quality::RuleSet;
+use tokio::runtime::Runtime;
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Rows in the table MERGE writes into.
+const MERGE_TABLE_ROWS: usize = 1_000_000;
+/// Rows of each MERGE: half replace stored rows, half are new keys.
+const MERGE_BATCH_ROWS: usize = 20_000;
+
+struct Landing {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+/// Commerce at scale 0.05 in one batch: 50,000 orders, 150,000 events.
+fn landing() -> BenchResult<Landing> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("landing");
+    generate(&GenerateOptions {
+        scale: 0.05,
+        batches: 1,
+        seed: 42,
+        out: root.clone(),
+    })?;
+    Ok(Landing { _dir: dir, root })
+}
+
+/// The bytes of the landed files of one entity, concatenated per file.
+fn landed_files(root: &Path, entity: &str) -> BenchResult<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for batch in std::fs::read_dir(root.join(entity))? {
+        for file in std::fs::read_dir(batch?.path())? {
+            let path = file?.path();
+            out.push((path.display().to_string(), std::fs::read(&path)?));
+        }
+    }
+    Ok(out)
+}
+
+fn source(root: &Path, entity: &str, format: FileFormat, columns: &[&str]) -> BenchResult<FilesSource> {
+    let url = url::Url::from_directory_path(root.join(entity)).map_err(|()| "landing path is not absolute")?;
+    Ok(FilesSource::new(
+        url,
+        format,
+        columns.iter().map(|c| c.to_string()).collect(),
+    ))
+}
+
+const ORDER_COLUMNS: [&str; 9] = [
+    "order_id", "customer_id", "product_id", "order_ts", "quantity", "unit_price", "currency", "status", "updated_at",
+];
+
+fn parse_all(source: &FilesSource, files: &[(String, Vec<u8>)]) -> BenchResult<Vec<RecordBatch>> {
+    let mut batches = Vec::new();
+    for (location, bytes) in files {
+        batches.extend(source.parse(bytes, location)?);
+    }
+    Ok(batches)
+}
+
+fn bench_landed_to_arrow(c: &mut Criterion, landing: &Landing) -> BenchResult<()> {
+    let mut group = c.benchmark_group("landed_to_arrow");
+    group.sample_size(10).measurement_time(Duration::from_secs(4));
+    let orders = landed_files(&landing.root, "orders")?;
+    let csv = source(&landing.root, "orders", FileFormat::Csv, &ORDER_COLUMNS)?;
+    group.throughput(Throughput::Bytes(orders.iter().map(|(_, b)| b.len() as u64).sum()));
+    group.bench_function("csv_orders", |b| b.iter(|| parse_all(&csv, &orders).map(|v| v.len())));
+    let events = landed_files(&landing.root, "events")?;
+    let jsonl = source(&landing.root, "events", FileFormat::JsonLines, &[])?;
+    group.throughput(Throughput::Bytes(events.iter().map(|(_, b)| b.len() as u64).sum()));
+    group.bench_function("jsonl_events", |b| b.iter(|| parse_all(&jsonl, &events).map(|v| v.len())));
+    group.finish();
+    Ok(())
+}
+
+fn bench_timestamps(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse_timestamp");
+    group.sample_size(20).measurement_time(Duration::from_secs(3));
+    let n = 100_000u32;
+    let spellings: [(&str, Box<dyn Fn(u32) -> String>); 3] = [
+        ("iso_utc_z", Box::new(|i| format!("2026-{:02}-{:02}T{:02}:{:02}:{:02}Z", 1 + i % 12, 1 + i % 28, i % 24, i % 60, (i / 7) % 60))),
+        ("iso_offset", Box::new(|i| format!("2026-{:02}-{:02}T{:02}:{:02}:{:02}+05:30", 1 + i % 12, 1 + i % 28, i % 24, i % 60, (i / 7) % 60))),
+        ("space_naive", Box::new(|i| format!("2026-{:02}-{:02} {:02}:{:02}:{:02}", 1 + i % 12, 1 + i % 28, i % 24, i % 60, (i / 7) % 60))),
+    ];
+    group.throughput(Throughput::Elements(u64::from(n)));
+    for (name, spell) in &spellings {
+        let values: Vec<String> = (0..n).map(spell).collect();
+        group.bench_with_input(BenchmarkId::from_parameter(name), &values, |b, values| {
+            b.iter(|| values.iter().filter_map(|v| parse_timestamp_micros(v)).count())
+        });
+    }
+    group.finish();
+}
+
+async fn memory_frame(ctx: &SessionContext, name: &str, batches: Vec<RecordBatch>) -> BenchResult<DataFrame> {
+    let schema = batches.first().map(RecordBatch::schema).ok_or("no rows")?;
+    let per_core = batches.len().div_ceil(2).max(1);
+    let partitions: Vec<Vec<RecordBatch>> = batches.chunks(per_core).map(<[_]>::to_vec).collect();
+    ctx.deregister_table(name)?;
+    ctx.register_table(name, Arc::new(MemTable::try_new(schema, partitions)?))?;
+    Ok(ctx.table(name).await?)
+}
+
+fn bench_rules_and_dedup(c: &mut Criterion, rt: &Runtime, landing: &Landing) -> BenchResult<()> {
+    let ctx = new_session(&SessionOptions::default())?;
+    let csv = source(&landing.root, "orders", FileFormat::Csv, &ORDER_COLUMNS)?;
+    let batches = parse_all(&csv, &landed_files(&landing.root, "orders")?)?;
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let orders = rt.block_on(memory_frame(&ctx, "orders", batches))?;
+    // The commerce pipeline's own order rules, less the one that reads another table.
+    let pipeline = Pipeline::load("commerce", &[])?;
+    let spec = pipeline.spec.silver.iter().find(|s| s.table.get_ref() == "orders").ok_or("no orders spec")?;
+    let rules = RuleSet::new(spec.rules().into_iter().filter(|r| !r.check.contains("silver.")).collect())?;
+
+    let mut group = c.benchmark_group("silver");
+    group.sample_size(10).measurement_time(Duration::from_secs(4));
+    group.throughput(Throughput::Elements(rows as u64));
+    group.bench_function("rules_orders", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let checked = rules.apply(&ctx, orders.clone(), None).await?;
+                Ok::<_, Box<dyn std::error::Error>>(checked.count().await?)
+            })
+        })
+    });
+    group.bench_function("dedup_orders_by_key", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let deduped = DedupBuilder::new(orders.clone(), vec!["order_id".into()])
+                    .with_winner_order(vec!["updated_at".into(), medallion_connectors::files::SOURCE_LINE.into()])
+                    .execute(&ctx)
+                    .await?;
+                Ok::<_, Box<dyn std::error::Error>>(deduped.count().await?)
+            })
+        })
+    });
+    group.finish();
+    Ok(())
+}
+
+fn keyed_batch(ids: impl Iterator<Item = usize>, version: i64) -> BenchResult<RecordBatch> {
+    let ids: Vec<usize> = ids.collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("updated_at", DataType::Int64, false),
+        Field::new("payload", DataType::Utf8, false),
+    ]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(ids.iter().map(|i| format!("K{i:09}")))),
+            Arc::new(Int64Array::from_iter_values(ids.iter().map(|_| version))),
+            Arc::new(StringArray::from_iter_values(ids.iter().map(|i| format!("payload of {i} at {version}")))),
+        ],
+    )?)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+fn bench_merge(c: &mut Criterion, rt: &Runtime) -> BenchResult<()> {
+    let dir = tempfile::tempdir()?;
+    let base = dir.path().join("base");
+    let ctx = new_session(&SessionOptions::default())?;
+    rt.block_on(async {
+        let table = memory_frame(&ctx, "table_rows", vec![keyed_batch(0..MERGE_TABLE_ROWS, 1)?]).await?;
+        let url = url::Url::from_directory_path(&base).map_err(|()| "bad path")?;
+        OverwriteBuilder::new(url, table).execute().await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })?;
+    // Updates spread over the whole key range, inserts after its end.
+    let step = MERGE_TABLE_ROWS / (MERGE_BATCH_ROWS / 2);
+    let updates = keyed_batch((0..MERGE_BATCH_ROWS / 2).map(|i| i * step), 2)?;
+    let inserts = keyed_batch(MERGE_TABLE_ROWS..MERGE_TABLE_ROWS + MERGE_BATCH_ROWS / 2, 2)?;
+
+    let mut group = c.benchmark_group("merge");
+    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(MERGE_BATCH_ROWS as u64));
+    group.bench_function("20k_into_1m", |b| {
+        b.iter_batched(
+            || {
+                let copy = dir.path().join(format!("run-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&copy);
+                copy_dir(&base, &copy).map(|()| copy)
+            },
+            |copy| {
+                rt.block_on(async {
+                    let copy = copy?;
+                    let source = memory_frame(&ctx, "merge_source", vec![updates.clone(), inserts.clone()]).await?;
+                    let url = url::Url::from_directory_path(&copy).map_err(|()| "bad path")?;
+                    let metrics = UpsertBuilder::new(url, source, vec!["id".into()])
+                        .with_winner_order(vec!["updated_at".into()])
+                        .execute()
+                        .await?;
+                    Ok::<_, Box<dyn std::error::Error>>(metrics.rows_updated + metrics.rows_inserted)
+                })
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+    Ok(())
+}
+
+fn hot_paths(c: &mut Criterion) {
+    let outcome = (|| -> BenchResult<()> {
+        let rt = Runtime::new()?;
+        let landing = landing()?;
+        bench_landed_to_arrow(c, &landing)?;
+        bench_timestamps(c);
+        bench_rules_and_dedup(c, &rt, &landing)?;
+        bench_merge(c, &rt)?;
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        eprintln!("benchmark setup failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+criterion_group!(benches, hot_paths);
+criterion_main!(benches);
