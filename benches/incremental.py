@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,12 +74,7 @@ def main():
     tag = f"incremental-sf{args.scale:g}"
     work = os.path.join(args.work, tag)
     all_batches = os.path.join(work, "batches")
-    if not os.path.exists(os.path.join(all_batches, ".complete")):
-        shutil.rmtree(all_batches, ignore_errors=True)
-        print(f"generating commerce SF {args.scale:g} in {BATCHES} batches into {all_batches}", flush=True)
-        subprocess.run([args.medallion, "generate", "--scale", str(args.scale), "--batches", str(BATCHES), "--seed", "42", "--out", all_batches],
-                       check=True, stdout=subprocess.DEVNULL)
-        open(os.path.join(all_batches, ".complete"), "w").close()
+    suite.generate_cached(args.medallion, args.scale, BATCHES, all_batches)
     for d in ("landing", "lake", "landing-all", "lake-all"):
         shutil.rmtree(os.path.join(work, d), ignore_errors=True)
     landing, lake = os.path.join(work, "landing"), os.path.join(work, "lake")

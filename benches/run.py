@@ -70,6 +70,17 @@ def sample_tree(sessions, cpu_seen):
     return total
 
 
+def generate_cached(medallion, scale, batches, out):
+    """Generates commerce (seed 42) into out unless a finished generation is already there."""
+    if os.path.exists(os.path.join(out, ".complete")):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"generating commerce SF {scale:g} in {batches} batch(es) into {out}", flush=True)
+    subprocess.run([medallion, "generate", "--scale", str(scale), "--batches", str(batches), "--seed", "42", "--out", out],
+                   check=True, stdout=subprocess.DEVNULL)
+    open(os.path.join(out, ".complete"), "w").close()
+
+
 def reap_all():
     while True:
         try:
@@ -287,12 +298,7 @@ def main():
     tag = f"sf{args.scale:g}"
     work = os.path.join(args.work, tag)
     landing = os.path.join(work, "landing")
-    if not os.path.exists(os.path.join(landing, ".complete")):
-        shutil.rmtree(landing, ignore_errors=True)
-        print(f"generating commerce SF {args.scale:g} into {landing}", flush=True)
-        subprocess.run([args.medallion, "generate", "--scale", str(args.scale), "--batches", "1", "--seed", "42", "--out", landing],
-                       check=True, stdout=subprocess.DEVNULL)
-        open(os.path.join(landing, ".complete"), "w").close()
+    generate_cached(args.medallion, args.scale, 1, landing)
     floor_s, landed_bytes = floor_read(landing)
     print(f"landing: {landed_bytes:,} bytes; floor (read once): {floor_s} s", flush=True)
 
