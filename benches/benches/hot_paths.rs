@@ -49,7 +49,7 @@ fn landing() -> BenchResult<Landing> {
     Ok(Landing { _dir: dir, root })
 }
 
-/// The bytes of the landed files of one entity, concatenated per file.
+/// Each landed file of one entity: its path and its bytes.
 fn landed_files(root: &Path, entity: &str) -> BenchResult<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
     for batch in std::fs::read_dir(root.join(entity))? {
@@ -61,8 +61,14 @@ fn landed_files(root: &Path, entity: &str) -> BenchResult<Vec<(String, Vec<u8>)>
     Ok(out)
 }
 
-fn source(root: &Path, entity: &str, format: FileFormat, columns: &[&str]) -> BenchResult<FilesSource> {
-    let url = url::Url::from_directory_path(root.join(entity)).map_err(|()| "landing path is not absolute")?;
+fn source(
+    root: &Path,
+    entity: &str,
+    format: FileFormat,
+    columns: &[&str],
+) -> BenchResult<FilesSource> {
+    let url = url::Url::from_directory_path(root.join(entity))
+        .map_err(|()| "landing path is not absolute")?;
     Ok(FilesSource::new(
         url,
         format,
@@ -71,7 +77,15 @@ fn source(root: &Path, entity: &str, format: FileFormat, columns: &[&str]) -> Be
 }
 
 const ORDER_COLUMNS: [&str; 9] = [
-    "order_id", "customer_id", "product_id", "order_ts", "quantity", "unit_price", "currency", "status", "updated_at",
+    "order_id",
+    "customer_id",
+    "product_id",
+    "order_ts",
+    "quantity",
+    "unit_price",
+    "currency",
+    "status",
+    "updated_at",
 ];
 
 fn parse_all(source: &FilesSource, files: &[(String, Vec<u8>)]) -> BenchResult<Vec<RecordBatch>> {
@@ -84,41 +98,69 @@ fn parse_all(source: &FilesSource, files: &[(String, Vec<u8>)]) -> BenchResult<V
 
 fn bench_landed_to_arrow(c: &mut Criterion, landing: &Landing) -> BenchResult<()> {
     let mut group = c.benchmark_group("landed_to_arrow");
-    group.sample_size(10).measurement_time(Duration::from_secs(4));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(4));
     let orders = landed_files(&landing.root, "orders")?;
     let csv = source(&landing.root, "orders", FileFormat::Csv, &ORDER_COLUMNS)?;
-    group.throughput(Throughput::Bytes(orders.iter().map(|(_, b)| b.len() as u64).sum()));
-    group.bench_function("csv_orders", |b| b.iter(|| parse_all(&csv, &orders).map(|v| v.len())));
+    group.throughput(Throughput::Bytes(
+        orders.iter().map(|(_, b)| b.len() as u64).sum(),
+    ));
+    group.bench_function("csv_orders", |b| {
+        b.iter(|| parse_all(&csv, &orders).map(|v| v.len()))
+    });
     let events = landed_files(&landing.root, "events")?;
     let jsonl = source(&landing.root, "events", FileFormat::JsonLines, &[])?;
-    group.throughput(Throughput::Bytes(events.iter().map(|(_, b)| b.len() as u64).sum()));
-    group.bench_function("jsonl_events", |b| b.iter(|| parse_all(&jsonl, &events).map(|v| v.len())));
+    group.throughput(Throughput::Bytes(
+        events.iter().map(|(_, b)| b.len() as u64).sum(),
+    ));
+    group.bench_function("jsonl_events", |b| {
+        b.iter(|| parse_all(&jsonl, &events).map(|v| v.len()))
+    });
     group.finish();
     Ok(())
 }
 
 fn bench_timestamps(c: &mut Criterion) {
     let mut group = c.benchmark_group("parse_timestamp");
-    group.sample_size(20).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
     let n = 100_000u32;
     // (name, date-time separator, zone suffix): the three spellings the landing may use.
-    let spellings = [("iso_utc_z", 'T', "Z"), ("iso_offset", 'T', "+05:30"), ("space_naive", ' ', "")];
+    let spellings = [
+        ("iso_utc_z", 'T', "Z"),
+        ("iso_offset", 'T', "+05:30"),
+        ("space_naive", ' ', ""),
+    ];
     group.throughput(Throughput::Elements(u64::from(n)));
     for (name, separator, zone) in spellings {
         let values: Vec<String> = (0..n)
             .map(|i| {
-                let (month, day, hour, minute, second) = (1 + i % 12, 1 + i % 28, i % 24, i % 60, (i / 7) % 60);
-                format!("2026-{month:02}-{day:02}{separator}{hour:02}:{minute:02}:{second:02}{zone}")
+                let (month, day, hour, minute, second) =
+                    (1 + i % 12, 1 + i % 28, i % 24, i % 60, (i / 7) % 60);
+                format!(
+                    "2026-{month:02}-{day:02}{separator}{hour:02}:{minute:02}:{second:02}{zone}"
+                )
             })
             .collect();
         group.bench_with_input(BenchmarkId::from_parameter(name), &values, |b, values| {
-            b.iter(|| values.iter().filter_map(|v| parse_timestamp_micros(v)).count())
+            b.iter(|| {
+                values
+                    .iter()
+                    .filter_map(|v| parse_timestamp_micros(v))
+                    .count()
+            })
         });
     }
     group.finish();
 }
 
-async fn memory_frame(ctx: &SessionContext, name: &str, batches: Vec<RecordBatch>) -> BenchResult<DataFrame> {
+async fn memory_frame(
+    ctx: &SessionContext,
+    name: &str,
+    batches: Vec<RecordBatch>,
+) -> BenchResult<DataFrame> {
     let schema = batches.first().map(RecordBatch::schema).ok_or("no rows")?;
     let per_core = batches.len().div_ceil(2).max(1);
     let partitions: Vec<Vec<RecordBatch>> = batches.chunks(per_core).map(<[_]>::to_vec).collect();
@@ -135,11 +177,23 @@ fn bench_rules_and_dedup(c: &mut Criterion, rt: &Runtime, landing: &Landing) -> 
     let orders = rt.block_on(memory_frame(&ctx, "orders", batches))?;
     // The commerce pipeline's own order rules, less the one that reads another table.
     let pipeline = Pipeline::load("commerce", &[])?;
-    let spec = pipeline.spec.silver.iter().find(|s| s.table.get_ref() == "orders").ok_or("no orders spec")?;
-    let rules = RuleSet::new(spec.rules().into_iter().filter(|r| !r.check.contains("silver.")).collect())?;
+    let spec = pipeline
+        .spec
+        .silver
+        .iter()
+        .find(|s| s.table.get_ref() == "orders")
+        .ok_or("no orders spec")?;
+    let rules = RuleSet::new(
+        spec.rules()
+            .into_iter()
+            .filter(|r| !r.check.contains("silver."))
+            .collect(),
+    )?;
 
     let mut group = c.benchmark_group("silver");
-    group.sample_size(10).measurement_time(Duration::from_secs(4));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(4));
     group.throughput(Throughput::Elements(rows as u64));
     group.bench_function("rules_orders", |b| {
         b.iter(|| {
@@ -153,7 +207,10 @@ fn bench_rules_and_dedup(c: &mut Criterion, rt: &Runtime, landing: &Landing) -> 
         b.iter(|| {
             rt.block_on(async {
                 let deduped = DedupBuilder::new(orders.clone(), vec!["order_id".into()])
-                    .with_winner_order(vec!["updated_at".into(), medallion_connectors::files::SOURCE_LINE.into()])
+                    .with_winner_order(vec![
+                        "updated_at".into(),
+                        medallion_connectors::files::SOURCE_LINE.into(),
+                    ])
                     .execute(&ctx)
                     .await?;
                 Ok::<_, Box<dyn std::error::Error>>(deduped.count().await?)
@@ -174,9 +231,13 @@ fn keyed_batch(ids: impl Iterator<Item = usize>, version: i64) -> BenchResult<Re
     Ok(RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(StringArray::from_iter_values(ids.iter().map(|i| format!("K{i:09}")))),
+            Arc::new(StringArray::from_iter_values(
+                ids.iter().map(|i| format!("K{i:09}")),
+            )),
             Arc::new(Int64Array::from_iter_values(ids.iter().map(|_| version))),
-            Arc::new(StringArray::from_iter_values(ids.iter().map(|i| format!("payload of {i} at {version}")))),
+            Arc::new(StringArray::from_iter_values(
+                ids.iter().map(|i| format!("payload of {i} at {version}")),
+            )),
         ],
     )?)
 }
@@ -200,7 +261,12 @@ fn bench_merge(c: &mut Criterion, rt: &Runtime) -> BenchResult<()> {
     let base = dir.path().join("base");
     let ctx = new_session(&SessionOptions::default())?;
     rt.block_on(async {
-        let table = memory_frame(&ctx, "table_rows", vec![keyed_batch(0..MERGE_TABLE_ROWS, 1)?]).await?;
+        let table = memory_frame(
+            &ctx,
+            "table_rows",
+            vec![keyed_batch(0..MERGE_TABLE_ROWS, 1)?],
+        )
+        .await?;
         let url = url::Url::from_directory_path(&base).map_err(|()| "bad path")?;
         OverwriteBuilder::new(url, table).execute().await?;
         Ok::<_, Box<dyn std::error::Error>>(())
@@ -211,7 +277,9 @@ fn bench_merge(c: &mut Criterion, rt: &Runtime) -> BenchResult<()> {
     let inserts = keyed_batch(MERGE_TABLE_ROWS..MERGE_TABLE_ROWS + MERGE_BATCH_ROWS / 2, 2)?;
 
     let mut group = c.benchmark_group("merge");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements(MERGE_BATCH_ROWS as u64));
     group.bench_function("20k_into_1m", |b| {
         b.iter_batched(
@@ -223,13 +291,17 @@ fn bench_merge(c: &mut Criterion, rt: &Runtime) -> BenchResult<()> {
             |copy| {
                 rt.block_on(async {
                     let copy = copy?;
-                    let source = memory_frame(&ctx, "merge_source", vec![updates.clone(), inserts.clone()]).await?;
+                    let source =
+                        memory_frame(&ctx, "merge_source", vec![updates.clone(), inserts.clone()])
+                            .await?;
                     let url = url::Url::from_directory_path(&copy).map_err(|()| "bad path")?;
                     let metrics = UpsertBuilder::new(url, source, vec!["id".into()])
                         .with_winner_order(vec!["updated_at".into()])
                         .execute()
                         .await?;
-                    Ok::<_, Box<dyn std::error::Error>>(metrics.rows_updated + metrics.rows_inserted)
+                    Ok::<_, Box<dyn std::error::Error>>(
+                        metrics.rows_updated + metrics.rows_inserted,
+                    )
                 })
             },
             BatchSize::PerIteration,

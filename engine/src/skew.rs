@@ -89,21 +89,28 @@ impl BroadcastSmallBuildSide {
             let stats = StatisticsContext::new().compute(side.as_ref(), &StatisticsArgs::new())?;
             Ok(stats.num_rows.get_value().copied())
         };
-        let small = |rows: Option<usize>| rows.is_some_and(|r| r <= self.max_rows);
-        let (left_rows, right_rows) = (rows_of(join.left())?, rows_of(join.right())?);
+        let small = |rows: Option<usize>| rows.filter(|&r| r <= self.max_rows);
         // The build side must be the small one; when only the probe side is known to be
         // small (the other is a join or an aggregate without statistics), swap them.
-        let broadcast = if small(left_rows) {
-            join.builder()
+        let (broadcast, build_rows) = if let Some(rows) = small(rows_of(join.left())?) {
+            let plan = join
+                .builder()
                 .with_partition_mode(PartitionMode::CollectLeft)
-                .build_exec()?
-        } else if small(right_rows) && join.join_type().supports_swap() {
-            join.swap_inputs(PartitionMode::CollectLeft)?
+                .build_exec()?;
+            (plan, rows)
+        } else if let Some(rows) = join
+            .join_type()
+            .supports_swap()
+            .then(|| rows_of(join.right()))
+            .transpose()?
+            .and_then(small)
+        {
+            (join.swap_inputs(PartitionMode::CollectLeft)?, rows)
         } else {
             return Ok(Transformed::no(node));
         };
         tracing::debug!(
-            build_rows = ?left_rows.min(right_rows),
+            build_rows,
             keys = %describe_keys(join.on().iter().map(|(l, _)| l)),
             "broadcasting the small side of a hash join"
         );
@@ -161,12 +168,8 @@ impl SkewMeter {
     /// The repartitions that moved rows since the last call, and forgets them. A table's
     /// runner calls it before and after its work, so each report covers one table.
     pub fn take(&self) -> Vec<RepartitionImbalance> {
-        let counters = std::mem::take(
-            &mut *self
-                .counters
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        let counters =
+            std::mem::take(&mut *self.counters.lock().unwrap_or_else(PoisonError::into_inner));
         let reports: Vec<RepartitionImbalance> =
             counters.iter().filter_map(|c| c.imbalance()).collect();
         for r in reports
@@ -194,7 +197,11 @@ struct PartitionRows {
 
 impl PartitionRows {
     fn imbalance(&self) -> Option<RepartitionImbalance> {
-        let counts: Vec<u64> = self.rows.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self
+            .rows
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .collect();
         let rows: u64 = counts.iter().sum();
         let largest = counts.iter().copied().max()?;
         if rows == 0 {
@@ -365,7 +372,13 @@ mod tests {
             Field::new("v", DataType::Int64, false),
         ]));
         let keys: Vec<String> = (0..4000)
-            .map(|i| if i % 2 == 0 { "hot".into() } else { format!("k{}", i % 99) })
+            .map(|i| {
+                if i % 2 == 0 {
+                    "hot".into()
+                } else {
+                    format!("k{}", i % 99)
+                }
+            })
             .collect();
         let batch = RecordBatch::try_new(
             Arc::clone(&facts),
@@ -374,7 +387,8 @@ mod tests {
                 Arc::new(Int64Array::from_iter_values(0..4000)),
             ],
         )?;
-        let parts: Vec<Vec<RecordBatch>> = (0..4).map(|i| vec![batch.slice(i * 1000, 1000)]).collect();
+        let parts: Vec<Vec<RecordBatch>> =
+            (0..4).map(|i| vec![batch.slice(i * 1000, 1000)]).collect();
         ctx.register_table("facts", Arc::new(MemTable::try_new(facts, parts)?))?;
         let dim = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Utf8, false),
@@ -393,20 +407,30 @@ mod tests {
         Ok(())
     }
 
-    async fn joined_rows(broadcast_max_rows: usize) -> Result<(u64, Vec<RepartitionImbalance>, String)> {
+    async fn joined_rows(
+        broadcast_max_rows: usize,
+    ) -> Result<(u64, Vec<RepartitionImbalance>, String)> {
         let options = SessionOptions {
             target_partitions: Some(4),
             skew: SkewOptions { broadcast_max_rows },
             // Keep DataFusion's own broadcast out of the way, so the rule is what is tested.
             datafusion_settings: vec![
-                ("datafusion.optimizer.hash_join_single_partition_threshold".into(), "0".into()),
-                ("datafusion.optimizer.hash_join_single_partition_threshold_rows".into(), "0".into()),
+                (
+                    "datafusion.optimizer.hash_join_single_partition_threshold".into(),
+                    "0".into(),
+                ),
+                (
+                    "datafusion.optimizer.hash_join_single_partition_threshold_rows".into(),
+                    "0".into(),
+                ),
             ],
             ..SessionOptions::default()
         };
-        let ctx = new_session(&options).map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        let ctx = new_session(&options)
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
         register(&ctx)?;
-        let meter = skew_meter(&ctx).ok_or_else(|| datafusion::error::DataFusionError::Internal("no meter".into()))?;
+        let meter = skew_meter(&ctx)
+            .ok_or_else(|| datafusion::error::DataFusionError::Internal("no meter".into()))?;
         let sql = "SELECT f.k, d.name, f.v FROM facts f LEFT JOIN dim d ON d.k = f.k";
         let plan = ctx.sql(&format!("EXPLAIN {sql}")).await?.collect().await?;
         let plan = datafusion::arrow::util::pretty::pretty_format_batches(&plan)?.to_string();

@@ -82,6 +82,7 @@ impl UpsertBuilder {
         // equality on a column into `target.k BETWEEN min(source.k) AND max(source.k)` and
         // skips every file whose statistics fall outside, so a small batch whose keys are
         // close together (new events, say) rewrites a few files instead of the whole table.
+        // The check reads the source once more; silver hands in an in-memory batch.
         let key_op = if source_has_null_key(&self.source, &self.keys).await? {
             Operator::IsNotDistinctFrom
         } else {
@@ -133,10 +134,20 @@ impl UpsertBuilder {
 }
 
 async fn source_has_null_key(source: &DataFrame, keys: &[String]) -> Result<bool> {
-    let Some(any_null) = keys.iter().map(|k| col(datafusion::common::Column::from_name(k.as_str())).is_null()).reduce(Expr::or) else {
+    let Some(any_null) = keys
+        .iter()
+        .map(|k| col(datafusion::common::Column::from_name(k.as_str())).is_null())
+        .reduce(Expr::or)
+    else {
         return Ok(false);
     };
-    Ok(source.clone().filter(any_null)?.limit(0, Some(1))?.count().await? > 0)
+    Ok(source
+        .clone()
+        .filter(any_null)?
+        .limit(0, Some(1))?
+        .count()
+        .await?
+        > 0)
 }
 
 fn side(alias: &str, column: &str) -> Expr {
