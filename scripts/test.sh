@@ -2,13 +2,15 @@
 # Runs every test of the workspace: unit tests, the end-to-end tests in tests/it, the doc
 # examples, and the gold check against an independent engine (Python + DuckDB, see
 # benches/reference/). Builds the `medallion` binary first: the end-to-end tests run it as a
-# user would. One target directory is shared by all of it (2 cores compile this stack
+# user would. Starts an S3 server and DynamoDB Local on loopback for the tests of the lake on
+# S3 (scripts/services.sh) and stops them at the end. One target directory is shared by all of it (2 cores compile this stack
 # slowly); set CARGO_TARGET_DIR to reuse a warm one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/medallion/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-cargo build --locked --bin medallion
+cargo build --locked --bin medallion --bin s3-test-server
+source scripts/services.sh
 cargo test --locked --workspace --no-fail-fast -- --include-ignored
 
 # The reference engine lives in a cached virtual environment, made when missing.
@@ -18,7 +20,7 @@ if ! "$venv/bin/python" -c "import duckdb" 2>/dev/null; then
     "$venv/bin/pip" install --quiet "duckdb==2.0.0"
 fi
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work"; stop_services' EXIT
 echo "gold check: 3 batches landed one at a time, medallion vs. Python + DuckDB"
 if "$venv/bin/python" benches/reference/check_gold.py --medallion "$CARGO_TARGET_DIR/debug/medallion" \
         --scale 0.02 --batches 3 --seed 11 --work "$work/check"; then

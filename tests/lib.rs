@@ -5,13 +5,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use medallion_connectors::state::LocalFileStateStore;
+use medallion_connectors::state::{LocalFileStateStore, StateStore};
 use medallion_jobs::JobError;
 use medallion_jobs::pipeline::Pipeline;
 use medallion_jobs::run::{Layer, RunOptions, run_pipeline};
 use medallion_jobs::summary::RunSummary;
 
 pub use medallion_jobs::run::Layer as RunLayer;
+
+pub mod faults;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -119,6 +121,7 @@ pub async fn run_commerce(
             target_partitions: Some(2),
             ..Default::default()
         },
+        lease: Default::default(),
     };
     run_pipeline(&pipeline, &options).await
 }
@@ -148,7 +151,17 @@ pub async fn table_lines(
     table: &str,
     columns: &str,
 ) -> Option<Vec<String>> {
-    let lake_url = medallion_engine::location::parse_location(lake.to_str()?).ok()?;
+    table_lines_at(lake.to_str()?, layer, table, columns).await
+}
+
+/// [`table_lines`] for a lake at any location (`s3://…` or a path).
+pub async fn table_lines_at(
+    lake: &str,
+    layer: &str,
+    table: &str,
+    columns: &str,
+) -> Option<Vec<String>> {
+    let lake_url = medallion_engine::location::parse_location(lake).ok()?;
     let url = medallion_engine::location::table_url(&lake_url, layer, table).ok()?;
     let t = medallion_engine::table::open_table(&url)
         .await
@@ -193,11 +206,18 @@ pub async fn count(lake: &Path, layer: &str, table: &str) -> u64 {
 
 /// Every gold table of commerce as sorted text rows.
 pub async fn gold_snapshot(lake: &Path) -> BTreeMap<String, Vec<String>> {
+    gold_snapshot_at(lake.to_str().unwrap_or_default()).await
+}
+
+/// [`gold_snapshot`] for a lake at any location.
+pub async fn gold_snapshot_at(lake: &str) -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
     for t in ["daily_sales", "customer_360", "daily_engagement"] {
         out.insert(
             t.to_string(),
-            table_lines(lake, "gold", t, "*").await.unwrap_or_default(),
+            table_lines_at(lake, "gold", t, "*")
+                .await
+                .unwrap_or_default(),
         );
     }
     out
@@ -326,4 +346,115 @@ pub fn summary_of(output: &std::process::Output) -> serde_json::Value {
             String::from_utf8_lossy(&output.stderr)
         )
     })
+}
+
+// ------------------------------------------------------------------ S3 and DynamoDB
+
+/// The bucket `scripts/services.sh` creates for the tests; each test works under a prefix
+/// of its own.
+pub const TEST_BUCKET: &str = "medallion-test";
+
+/// Fails the test, saying how to get them, unless the S3 server and DynamoDB Local of
+/// `scripts/services.sh` are running (scripts/test.sh starts them).
+pub fn require_services() {
+    assert!(
+        std::env::var("MEDALLION_TEST_S3").is_ok()
+            && std::env::var("MEDALLION_TEST_DYNAMODB").is_ok(),
+        "this test needs the S3 server and DynamoDB Local that scripts/test.sh starts; to run \
+         it alone: source scripts/services.sh, then cargo test"
+    );
+}
+
+/// A fresh `s3://medallion-test/<name>-<unique>` location.
+pub fn s3_location(name: &str) -> String {
+    format!("s3://{TEST_BUCKET}/{name}-{}", uuid_like())
+}
+
+/// Copies every file below `local` to the same relative keys below `dest` (`s3://…`).
+pub async fn upload_tree(local: &Path, dest: &str) {
+    let url = medallion_engine::location::parse_location(dest).expect("location");
+    let (store, prefix) = medallion_engine::location::object_store_for(&url).expect("store");
+    let mut stack = vec![local.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("read dir").flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path.strip_prefix(local).expect("below root");
+            let key = object_store::path::Path::from(format!(
+                "{}/{}",
+                prefix.as_ref(),
+                rel.to_string_lossy()
+            ));
+            let bytes = std::fs::read(&path).expect("read file");
+            object_store::ObjectStoreExt::put(store.as_ref(), &key, bytes.into())
+                .await
+                .expect("upload");
+        }
+    }
+}
+
+/// A new DynamoDB state table (created as `medallion init` does) and its name.
+pub async fn dynamodb_state(name: &str) -> (Arc<dyn StateStore>, String) {
+    let table = format!("{name}-{}", uuid_like());
+    let store = medallion_connectors::dynamodb::DynamoDbStateStore::new(table.clone()).await;
+    store.init().await.expect("create the state table");
+    (Arc::new(store), table)
+}
+
+/// Runs `layers` of commerce from `landing` into `lake` (any locations) with `state`.
+pub async fn run_commerce_at(
+    landing: &str,
+    lake: &str,
+    state: Arc<dyn StateStore>,
+    layers: &[Layer],
+) -> (RunSummary, Result<(), JobError>) {
+    let pipeline = Pipeline::load(
+        commerce_dir().to_str().unwrap_or_default(),
+        &[
+            ("landing".to_string(), landing.to_string()),
+            ("lake".to_string(), lake.to_string()),
+        ],
+    )
+    .expect("commerce pipeline loads");
+    let options = RunOptions {
+        layers: layers.to_vec(),
+        run_id: format!("test-{}", uuid_like()),
+        state,
+        progress: false,
+        session: medallion_engine::session::SessionOptions {
+            target_partitions: Some(2),
+            ..Default::default()
+        },
+        lease: Default::default(),
+    };
+    run_pipeline(&pipeline, &options).await
+}
+
+/// Every table of commerce at `lake`, opened (so each one's log must load) and registered
+/// in a session as `<layer>.<table>`.
+pub async fn open_every_table(lake: &str) -> datafusion::prelude::SessionContext {
+    let pipeline = Pipeline::load(
+        commerce_dir().to_str().unwrap_or_default(),
+        &[("lake".to_string(), lake.to_string())],
+    )
+    .expect("commerce pipeline loads");
+    let ctx = medallion_engine::session::new_session(&Default::default()).expect("session");
+    medallion_jobs::run::register_lake(&ctx, &pipeline, None)
+        .await
+        .unwrap_or_else(|e| panic!("a table of {lake} does not open: {e}"));
+    ctx
+}
+
+/// Generates a small commerce landing (`batches` batches) into `dir`.
+pub fn generate_landing(dir: &Path, scale: f64, batches: u32, seed: u64) {
+    medallion_jobs::generate::generate(&medallion_jobs::generate::GenerateOptions {
+        scale,
+        batches,
+        seed,
+        out: dir.to_path_buf(),
+    })
+    .expect("generate");
 }

@@ -28,6 +28,19 @@ pub enum ConnectorError {
         found: Option<u64>,
     },
 
+    /// Another run holds the lease on the work this run was to do.
+    #[error("{key} is leased to run {owner} until {expires_at}: another run is doing this work")]
+    LeaseHeld {
+        key: String,
+        owner: String,
+        expires_at: String,
+    },
+
+    /// The state store is not set up for use: its table is missing or the credentials are
+    /// refused. Retrying will not help; the message says what to do.
+    #[error("state store {store}: {reason}")]
+    StateStoreSetup { store: String, reason: String },
+
     /// The state store could not be read or written.
     #[error("state store {store}: {reason}")]
     StateStore { store: String, reason: String },

@@ -2,8 +2,9 @@
 //!
 //! Where data comes from and where a pipeline remembers how far it got. This crate owns the
 //! sources ([`files::FilesSource`]: landed CSV, JSON lines and JSON documents on any object
-//! store) and the state store ([`state::StateStore`], with [`state::LocalFileStateStore`] as
-//! the embedded default). Sources turn bytes into Arrow record batches of text columns plus
+//! store), the state store ([`state::StateStore`], with [`state::LocalFileStateStore`] as
+//! the embedded default and [`dynamodb::DynamoDbStateStore`] on AWS) and the leases built on
+//! it ([`lease`]: one run at a time per layer). Sources turn bytes into Arrow record batches of text columns plus
 //! provenance (`_source_file`, `_source_line`, and `_corrupt_record` for input that does not
 //! parse, as Spark's PERMISSIVE mode does); they never type, clean or write data, and they
 //! know no pipeline or table names.
@@ -20,8 +21,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod dynamodb;
 pub mod error;
 pub mod files;
+pub mod lease;
 pub mod state;
 
 pub use error::ConnectorError;

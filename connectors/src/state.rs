@@ -37,6 +37,18 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         expected: Option<u64>,
     ) -> Result<u64, ConnectorError>;
 
+    /// Fails with a message a user can act on when the store cannot be used (a missing
+    /// table, refused credentials, an endpoint that does not answer). Runs call it before
+    /// they write anything.
+    async fn check(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+
+    /// Creates what the store keeps its keys in (`medallion init`); a no-op when it exists.
+    async fn init(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+
     /// Where the state lives, for messages.
     fn describe(&self) -> String;
 }
@@ -188,6 +200,10 @@ impl StateStore for LocalFileStateStore {
         tokio::task::spawn_blocking(move || this.put_blocking(&key, value, expected))
             .await
             .map_err(|e| self.error(e))?
+    }
+
+    async fn init(&self) -> Result<(), ConnectorError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.error(e))
     }
 
     fn describe(&self) -> String {

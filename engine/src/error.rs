@@ -35,6 +35,19 @@ pub enum EngineError {
         source: Box<object_store::Error>,
     },
 
+    /// A lake or landing location on an object store that cannot be used at all: the bucket
+    /// is missing, the credentials are refused or the endpoint does not answer.
+    #[error("cannot use {location}: {hint} ({source})")]
+    Unreachable {
+        location: String,
+        hint: String,
+        /// The endpoint did not answer: trying again later may work. A missing bucket or
+        /// refused credentials will not mend themselves.
+        retryable: bool,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
     /// The data handed to a write does not fit the table it goes to.
     #[error("write to {table} rejected: {reason}")]
     InvalidWrite { table: String, reason: String },

@@ -10,7 +10,10 @@ use crate::error::{EngineError, Result};
 /// Opens the Delta table at `url`, or `None` when no table has been written there yet.
 pub async fn open_table(url: &Url) -> Result<Option<DeltaTable>> {
     let mut table = DeltaTableBuilder::from_url(url.clone())
-        .and_then(DeltaTableBuilder::build)
+        .and_then(|b| {
+            b.with_storage_options(crate::location::storage_options(url))
+                .build()
+        })
         .map_err(|e| EngineError::delta(url, e))?;
     if !table
         .verify_deltatable_existence()

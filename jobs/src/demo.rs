@@ -51,6 +51,7 @@ pub async fn demo(
         state: Arc::new(LocalFileStateStore::new(lake.join("_medallion_state"))),
         progress,
         session: Default::default(),
+        lease: Default::default(),
     };
     let (summary, result) = run_pipeline(&pipeline, &options).await;
     result?;

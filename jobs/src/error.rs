@@ -15,6 +15,8 @@ pub mod exit_code {
     pub const DATA_QUALITY: i32 = 3;
     /// Another run changed the state under this one.
     pub const CONFLICT: i32 = 4;
+    /// Another run holds the lease on this work: it is being done; retry later.
+    pub const BUSY: i32 = 5;
 }
 
 /// One configuration problem, with where it is.
@@ -111,6 +113,15 @@ impl JobError {
             JobError::DataQuality { .. } => exit_code::DATA_QUALITY,
             JobError::Table { source, .. } => source.exit_code(),
             JobError::Connector(ConnectorError::StateConflict { .. }) => exit_code::CONFLICT,
+            JobError::Connector(ConnectorError::LeaseHeld { .. }) => exit_code::BUSY,
+            JobError::Engine(EngineError::Unreachable {
+                retryable: false, ..
+            })
+            | JobError::Connector(ConnectorError::Engine(EngineError::Unreachable {
+                retryable: false,
+                ..
+            }))
+            | JobError::Connector(ConnectorError::StateStoreSetup { .. }) => exit_code::CONFIG,
             JobError::Engine(EngineError::InvalidLocation { .. }) => exit_code::CONFIG,
             _ => exit_code::FAILURE,
         }

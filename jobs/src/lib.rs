@@ -27,6 +27,7 @@
 //!     state: Arc::new(medallion_connectors::state::LocalFileStateStore::new("/tmp/lake/_medallion_state")),
 //!     progress: false,
 //!     session: Default::default(),
+//!     lease: Default::default(),
 //! };
 //! let (summary, result) = run_pipeline(&pipeline, &options).await;
 //! println!("{}", summary.to_json_line());
@@ -47,39 +48,68 @@ pub use error::{JobError, exit_code};
 
 use std::sync::Arc;
 
+use medallion_connectors::dynamodb::DynamoDbStateStore;
 use medallion_connectors::state::{LocalFileStateStore, StateStore};
 
-/// The state store named by `--state` (a folder or `file://` URL), or by default the folder
-/// `_medallion_state` inside a local lake.
-pub fn state_store(
+/// The state store named by `--state`: `dynamodb://TABLE`, a folder or `file://` URL, or by
+/// default the folder `_medallion_state` inside a local lake.
+pub async fn state_store(
     spec: Option<&str>,
-    pipeline: &pipeline::Pipeline,
+    pipeline: Option<&pipeline::Pipeline>,
 ) -> Result<Arc<dyn StateStore>, JobError> {
-    let file_label = || spec.unwrap_or("--state").to_string();
+    let label = || spec.unwrap_or("--state").to_string();
+    if let Some(table) = spec.and_then(|s| s.strip_prefix("dynamodb://")) {
+        let table = table.trim_end_matches('/');
+        // DynamoDB's own rule, checked here so a typo fails before any request.
+        let valid = (3..=255).contains(&table.len())
+            && table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid {
+            return Err(JobError::config(
+                label(),
+                None,
+                format!(
+                    "'{table}' is not a DynamoDB table name (3-255 characters: letters, digits, _ . -)"
+                ),
+            ));
+        }
+        return Ok(Arc::new(DynamoDbStateStore::new(table).await));
+    }
     let dir = match spec {
         Some(s) => {
             let url = medallion_engine::location::parse_location(s)
-                .map_err(|e| JobError::config(file_label(), None, e.to_string()))?;
+                .map_err(|e| JobError::config(label(), None, e.to_string()))?;
             medallion_engine::location::local_path(&url).ok_or_else(|| {
                 JobError::config(
-                    file_label(),
+                    label(),
                     None,
-                    "the state store must be a local folder (file://)",
+                    "the state store must be dynamodb://TABLE or a local folder",
                 )
             })?
         }
-        None => medallion_engine::location::local_path(&pipeline.lake)
-            .map(|p| p.join("_medallion_state"))
-            .ok_or_else(|| {
-                JobError::config(
-                    &pipeline.file_label,
+        None => {
+            let Some(pipeline) = pipeline else {
+                return Err(JobError::config(
+                    label(),
                     None,
-                    format!(
-                        "the lake {} is not on local disk: name a state store with --state",
-                        pipeline.lake
-                    ),
-                )
-            })?,
+                    "name a state store with --state",
+                ));
+            };
+            medallion_engine::location::local_path(&pipeline.lake)
+                .map(|p| p.join("_medallion_state"))
+                .ok_or_else(|| {
+                    JobError::config(
+                        &pipeline.file_label,
+                        None,
+                        format!(
+                            "the lake {} is not on local disk: name a state store with --state \
+                             (dynamodb://TABLE)",
+                            pipeline.lake
+                        ),
+                    )
+                })?
+        }
     };
     Ok(Arc::new(LocalFileStateStore::new(dir)))
 }

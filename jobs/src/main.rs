@@ -50,6 +50,19 @@ enum Command {
         /// (Spark's autoBroadcastJoinThreshold, in rows); 0 turns it off.
         #[arg(long, env = "MEDALLION_BROADCAST_MAX_ROWS", default_value_t = medallion_engine::skew::DEFAULT_BROADCAST_MAX_ROWS)]
         broadcast_max_rows: usize,
+        /// How long a layer's lease lives unrenewed (`60s`, `2m`): a killed run's lease is
+        /// free again after it.
+        #[arg(long, env = "MEDALLION_LEASE_TTL", value_parser = parse_duration, default_value = "60s")]
+        lease_ttl: std::time::Duration,
+        /// Wait this long for a layer another run holds (`0s`: exit at once with code 5).
+        #[arg(long, env = "MEDALLION_LEASE_WAIT", value_parser = parse_duration, default_value = "0s")]
+        lease_wait: std::time::Duration,
+    },
+    /// Create the state store: the DynamoDB table (on-demand capacity) or the local folder.
+    Init {
+        /// `dynamodb://TABLE` or a folder.
+        #[arg(long, env = "MEDALLION_STATE")]
+        state: String,
     },
     /// Check a pipeline without reading or writing any data.
     Validate {
@@ -133,6 +146,30 @@ fn main() -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
+/// `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration such as 30s or 2m"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit '{other}' in '{text}' (use ms, s, m, h)"
+            ));
+        }
+    };
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
+}
+
 /// `2GiB`, `512MiB`, `1.5GB`, `100000000`: binary units for `Ki`/`Mi`/`Gi`, decimal otherwise.
 fn parse_size(text: &str) -> Result<usize, String> {
     let t = text.trim();
@@ -173,11 +210,15 @@ async fn dispatch(command: Command) -> i32 {
             target_partitions,
             memory_limit,
             broadcast_max_rows,
+            lease_ttl,
+            lease_wait,
         } => {
-            let loaded = Pipeline::load(&pipeline, &vars).and_then(|p| {
-                let store = medallion_jobs::state_store(state.as_deref(), &p)?;
-                Ok((p, store))
-            });
+            let loaded = match Pipeline::load(&pipeline, &vars) {
+                Ok(p) => medallion_jobs::state_store(state.as_deref(), Some(&p))
+                    .await
+                    .map(|store| (p, store)),
+                Err(e) => Err(e),
+            };
             let (pipeline, store) = match loaded {
                 Ok(v) => v,
                 Err(e) => return report_error(&e),
@@ -197,6 +238,10 @@ async fn dispatch(command: Command) -> i32 {
                     skew: medallion_engine::skew::SkewOptions { broadcast_max_rows },
                     ..Default::default()
                 },
+                lease: medallion_jobs::run::LeaseOptions {
+                    ttl: lease_ttl,
+                    wait: lease_wait,
+                },
             };
             let (run_summary, result) = run_pipeline(&pipeline, &options).await;
             if let Err(e) = &result {
@@ -211,6 +256,23 @@ async fn dispatch(command: Command) -> i32 {
             }
             println!("{line}");
             run_summary.exit_code
+        }
+        Command::Init { state } => {
+            let result = match medallion_jobs::state_store(Some(&state), None).await {
+                Ok(store) => store
+                    .init()
+                    .await
+                    .map(|()| store.describe())
+                    .map_err(JobError::from),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(described) => {
+                    println!("state store ready: {described}");
+                    exit_code::SUCCESS
+                }
+                Err(e) => report_error(&e),
+            }
         }
         Command::Validate { pipeline, vars } => {
             let result = match Pipeline::load(&pipeline, &vars) {

@@ -4,4 +4,5 @@ mod bad_input;
 mod handmade;
 mod invariants;
 mod recovery;
+mod s3;
 mod validate;

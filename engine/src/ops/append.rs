@@ -58,7 +58,7 @@ impl AppendBuilder {
             self.url.as_str(),
             Arc::clone(&self.schema),
             partitions,
-            None,
+            Some(crate::location::storage_options(&self.url)),
         )
         .map_err(|e| EngineError::delta(&self.url, e))?
         .with_target_file_size(self.target_file_size);
@@ -199,13 +199,17 @@ pub(crate) async fn create_table(
         .try_into_kernel()
         .map_err(|e| EngineError::delta(url, e.into()))?;
     table::ensure_location(url)?;
-    let table = DeltaTable::try_from_url(url.clone())
-        .await
-        .map_err(|e| EngineError::delta(url, e))?;
+    let table = DeltaTable::try_from_url_with_storage_options(
+        url.clone(),
+        crate::location::storage_options(url),
+    )
+    .await
+    .map_err(|e| EngineError::delta(url, e))?;
     table
         .create()
         .with_columns(kernel_schema.fields().cloned())
         .with_partition_columns(partition_columns.to_vec())
+        .with_configuration(super::target_file_size_property())
         .await
         .map_err(|e| EngineError::delta(url, e))
 }

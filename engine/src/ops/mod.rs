@@ -27,6 +27,15 @@ pub const DEFAULT_TARGET_FILE_SIZE: NonZeroU64 = match NonZeroU64::new(128 * 102
     None => NonZeroU64::MIN,
 };
 
+/// The table property that carries the target file size, so that writes without a setter
+/// of their own (MERGE reads it from the table) cut files at the same size.
+pub(crate) fn target_file_size_property() -> [(&'static str, Option<String>); 1] {
+    [(
+        "delta.targetFileSize",
+        Some(DEFAULT_TARGET_FILE_SIZE.get().to_string()),
+    )]
+}
+
 /// An application transaction: `(app_id, version)` recorded in the Delta log with a commit.
 /// A commit whose `app_id` already reached `version` is skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]

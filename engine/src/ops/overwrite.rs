@@ -75,9 +75,12 @@ pub(crate) async fn write_dataframe(
         Some(t) => t,
         None => {
             table::ensure_location(url)?;
-            DeltaTable::try_from_url(url.clone())
-                .await
-                .map_err(|e| EngineError::delta(url, e))?
+            DeltaTable::try_from_url_with_storage_options(
+                url.clone(),
+                crate::location::storage_options(url),
+            )
+            .await
+            .map_err(|e| EngineError::delta(url, e))?
         }
     };
     let (session_state, plan) = source.into_parts();
@@ -87,6 +90,7 @@ pub(crate) async fn write_dataframe(
         .with_session_state(Arc::new(session_state))
         .with_save_mode(mode)
         .with_target_file_size(Some(DEFAULT_TARGET_FILE_SIZE))
+        .with_configuration(super::target_file_size_property())
         .with_commit_properties(AppTransaction::commit_properties(txn));
     if !partition_columns.is_empty() {
         builder = builder.with_partition_columns(partition_columns.to_vec());

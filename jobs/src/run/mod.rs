@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use medallion_connectors::lease::LeaseBuilder;
 use medallion_connectors::state::StateStore;
 use medallion_engine::ops::AppTransaction;
 use medallion_engine::session::{self, SessionOptions};
@@ -62,6 +63,26 @@ pub struct RunOptions {
     /// Show spinners on stderr (when it is a terminal).
     pub progress: bool,
     pub session: SessionOptions,
+    /// How a run holds the lease of each layer it works on.
+    pub lease: LeaseOptions,
+}
+
+/// Leases on (pipeline, layer): how long one lives unrenewed (a killed run's lease is free
+/// after this), and how long a run waits for a held one before giving up with
+/// [`exit_code::BUSY`].
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseOptions {
+    pub ttl: std::time::Duration,
+    pub wait: std::time::Duration,
+}
+
+impl Default for LeaseOptions {
+    fn default() -> Self {
+        Self {
+            ttl: medallion_connectors::lease::DEFAULT_LEASE_TTL,
+            wait: std::time::Duration::ZERO,
+        }
+    }
 }
 
 /// What a run shares across its layers.
@@ -210,12 +231,47 @@ pub async fn run_pipeline(
             .collect(),
         tables,
     };
-    let record_key = format!("{}/runs/{}", pipeline.name(), options.run_id);
     let record = serde_json::to_value(&summary).unwrap_or_default();
-    if let Err(e) = options.state.put(&record_key, record, None).await {
-        tracing::warn!(error = %e, key = record_key, "could not record the run");
+    let key = run_record_key(pipeline, options);
+    let written = match options.state.get(&key).await {
+        Ok(started) => {
+            options
+                .state
+                .put(&key, record, started.map(|s| s.version))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        tracing::warn!(error = %e, key, "could not record the run");
     }
     (summary, result)
+}
+
+fn run_record_key(pipeline: &Pipeline, options: &RunOptions) -> String {
+    format!("{}/runs/{}", pipeline.name(), options.run_id)
+}
+
+/// Checks every store the run will touch, so that a missing bucket or state table, refused
+/// credentials or an unreachable endpoint stop the run before anything is written.
+async fn preflight(pipeline: &Pipeline, options: &RunOptions) -> Result<(), JobError> {
+    options.state.check().await?;
+    let mut locations = vec![pipeline.lake.clone()];
+    if options.layers.contains(&Layer::Bronze) {
+        for bronze in &pipeline.spec.bronze {
+            locations.push(pipeline.files_source(bronze)?.root().clone());
+        }
+    }
+    let mut checked = std::collections::HashSet::new();
+    for location in locations {
+        // One request per bucket tells whether it exists and the credentials work.
+        let mut bucket = location.clone();
+        bucket.set_path("/");
+        if checked.insert(bucket.clone()) {
+            medallion_engine::location::check_reachable(&location).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn run_layers(
@@ -224,8 +280,20 @@ async fn run_layers(
     started_at: chrono::DateTime<chrono::Utc>,
     tables: &mut Vec<TableSummary>,
 ) -> Result<(), JobError> {
-    // Bad configuration fails here, before anything is read or written.
+    // Bad configuration and unusable stores fail here, before anything is written.
     let validated = crate::validate::validate(pipeline).await?;
+    preflight(pipeline, options).await?;
+    let started = serde_json::json!({
+        "pipeline": pipeline.name(),
+        "run_id": options.run_id,
+        "status": "running",
+        "started_at": started_at.to_rfc3339(),
+        "layers": options.layers,
+    });
+    options
+        .state
+        .put(&run_record_key(pipeline, options), started, None)
+        .await?;
     let ctx = session::new_session(&options.session)?;
     let run = RunContext {
         pipeline,
@@ -239,16 +307,33 @@ async fn run_layers(
         .into_iter()
         .filter(|l| options.layers.contains(l))
     {
+        // One run per layer at a time: a second run stops here (or waits) instead of
+        // racing the first to the same commits.
+        let lease = LeaseBuilder::new(
+            Arc::clone(&options.state),
+            format!("{}/leases/{}", pipeline.name(), layer.as_str()),
+            &options.run_id,
+        )
+        .with_ttl(options.lease.ttl)
+        .with_wait(options.lease.wait)
+        .acquire()
+        .await?;
         tracing::info!(
             layer = layer.as_str(),
             run_id = options.run_id,
             "layer started"
         );
-        match layer {
-            Layer::Bronze => bronze::run(&run, tables).await?,
-            Layer::Silver => silver::run(&run, tables).await?,
-            Layer::Gold => gold::run(&run, tables).await?,
-        }
+        let outcome = match layer {
+            Layer::Bronze => bronze::run(&run, tables).await,
+            Layer::Silver => silver::run(&run, tables).await,
+            Layer::Gold => gold::run(&run, tables).await,
+        };
+        let held = lease.ensure_held().await;
+        // Released on failure too: a retry by the orchestrator need not wait out the lease.
+        let released = lease.release().await;
+        outcome?;
+        held?;
+        released?;
     }
     Ok(())
 }
