@@ -646,7 +646,9 @@ async fn an_unusable_store_is_named_before_any_write() {
         );
     };
 
-    let cases: [(&str, Vec<String>, Vec<(&str, &str)>, i32, &str); 5] = [
+    /// What is wrong, the run's arguments and environment, the exit code and message expected.
+    type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, &'a str)>, i32, &'a str);
+    let cases: [Case; 5] = [
         (
             "missing bucket",
             run_args("s3://no-such-bucket/landing", &lake, &table, ""),
