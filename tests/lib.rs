@@ -95,11 +95,16 @@ impl Default for Scratch {
 
 /// Loads the commerce pipeline from its folder with `landing` and `lake` set.
 pub fn commerce(landing: &Path, lake: &Path) -> Pipeline {
+    commerce_at(&landing.display().to_string(), &lake.display().to_string())
+}
+
+/// [`commerce`] with locations of any kind (`s3://…` or paths).
+pub fn commerce_at(landing: &str, lake: &str) -> Pipeline {
     Pipeline::load(
         commerce_dir().to_str().unwrap_or_default(),
         &[
-            ("landing".to_string(), landing.display().to_string()),
-            ("lake".to_string(), lake.display().to_string()),
+            ("landing".to_string(), landing.to_string()),
+            ("lake".to_string(), lake.to_string()),
         ],
     )
     .expect("commerce pipeline loads")
@@ -111,19 +116,13 @@ pub async fn run_commerce(
     lake: &Path,
     layers: &[Layer],
 ) -> (RunSummary, Result<(), JobError>) {
-    let pipeline = commerce(landing, lake);
-    let options = RunOptions {
-        layers: layers.to_vec(),
-        run_id: format!("test-{}", uuid_like()),
-        state: Arc::new(LocalFileStateStore::new(lake.join("_medallion_state"))),
-        progress: false,
-        session: medallion_engine::session::SessionOptions {
-            target_partitions: Some(2),
-            ..Default::default()
-        },
-        lease: Default::default(),
-    };
-    run_pipeline(&pipeline, &options).await
+    run_commerce_at(
+        &landing.display().to_string(),
+        &lake.display().to_string(),
+        Arc::new(LocalFileStateStore::new(lake.join("_medallion_state"))),
+        layers,
+    )
+    .await
 }
 
 /// Runs all layers and panics with the error if the run fails.
@@ -419,14 +418,7 @@ pub async fn run_commerce_at(
     state: Arc<dyn StateStore>,
     layers: &[Layer],
 ) -> (RunSummary, Result<(), JobError>) {
-    let pipeline = Pipeline::load(
-        commerce_dir().to_str().unwrap_or_default(),
-        &[
-            ("landing".to_string(), landing.to_string()),
-            ("lake".to_string(), lake.to_string()),
-        ],
-    )
-    .expect("commerce pipeline loads");
+    let pipeline = commerce_at(landing, lake);
     let options = RunOptions {
         layers: layers.to_vec(),
         run_id: format!("test-{}", uuid_like()),
@@ -444,11 +436,7 @@ pub async fn run_commerce_at(
 /// Every table of commerce at `lake`, opened (so each one's log must load) and registered
 /// in a session as `<layer>.<table>`.
 pub async fn open_every_table(lake: &str) -> datafusion::prelude::SessionContext {
-    let pipeline = Pipeline::load(
-        commerce_dir().to_str().unwrap_or_default(),
-        &[("lake".to_string(), lake.to_string())],
-    )
-    .expect("commerce pipeline loads");
+    let pipeline = commerce_at("landing", lake);
     let ctx = medallion_engine::session::new_session(&Default::default()).expect("session");
     medallion_jobs::run::register_lake(&ctx, &pipeline, None)
         .await

@@ -146,17 +146,21 @@ fn main() -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.
-fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+/// `12.5GiB` as `(12.5, "GiB")`; `None` when no number leads.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration such as 30s or 2m"))?;
-    let seconds = match unit.trim() {
+    Some((number.parse().ok()?, unit.trim()))
+}
+
+/// `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("'{text}' is not a duration such as 30s or 2m"))?;
+    let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1e3,
         "m" => value * 60.0,
@@ -172,15 +176,9 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 
 /// `2GiB`, `512MiB`, `1.5GB`, `100000000`: binary units for `Ki`/`Mi`/`Gi`, decimal otherwise.
 fn parse_size(text: &str) -> Result<usize, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size such as 2GiB or 512MiB"))?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("'{text}' is not a size such as 2GiB or 512MiB"))?;
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
         "m" | "mb" => 1e6,

@@ -290,10 +290,10 @@ async fn run_layers(
         "started_at": started_at.to_rfc3339(),
         "layers": options.layers,
     });
-    options
-        .state
-        .put(&run_record_key(pipeline, options), started, None)
-        .await?;
+    // An orchestrator's retry may reuse its run id: the record then starts over.
+    let key = run_record_key(pipeline, options);
+    let earlier = options.state.get(&key).await?.map(|r| r.version);
+    options.state.put(&key, started, earlier).await?;
     let ctx = session::new_session(&options.session)?;
     let run = RunContext {
         pipeline,
