@@ -294,6 +294,9 @@ async fn run_layers(
     let key = run_record_key(pipeline, options);
     let earlier = options.state.get(&key).await?.map(|r| r.version);
     options.state.put(&key, started, earlier).await?;
+    // The lease owner is this process, not the run id: two processes given one run id (an
+    // orchestrator retrying while the first attempt still runs) must not share a lease.
+    let lease_owner = format!("{}#{}", options.run_id, uuid::Uuid::new_v4().simple());
     let ctx = session::new_session(&options.session)?;
     let run = RunContext {
         pipeline,
@@ -312,7 +315,7 @@ async fn run_layers(
         let lease = LeaseBuilder::new(
             Arc::clone(&options.state),
             format!("{}/leases/{}", pipeline.name(), layer.as_str()),
-            &options.run_id,
+            &lease_owner,
         )
         .with_ttl(options.lease.ttl)
         .with_wait(options.lease.wait)
