@@ -3,7 +3,7 @@
 //! concurrent runs, SIGKILL at random points, injected S3 faults, and the errors a user
 //! gets for a store that cannot be used.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +61,53 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// A test's world on S3: generated batches on local disk, a landing and a lake under a
+/// prefix of its own (`scheme://medallion-test/<name>…`), a DynamoDB state table, and a
+/// local-disk landing and lake fed the same batches, as the reference.
+struct S3World {
+    local: Scratch,
+    generated: PathBuf,
+    landing: String,
+    lake: String,
+    state: Arc<dyn StateStore>,
+    table: String,
+}
+
+impl S3World {
+    async fn new(name: &str, scheme: &str, scale: f64, batches: u32, seed: u64) -> Self {
+        let local = Scratch::new();
+        let generated = local.dir.path().join("generated");
+        generate_landing(&generated, scale, batches, seed);
+        let prefix = s3_location(name).replacen("s3://", &format!("{scheme}://"), 1);
+        let (state, table) = dynamodb_state(name).await;
+        Self {
+            local,
+            generated,
+            landing: format!("{prefix}/landing"),
+            lake: format!("{prefix}/lake"),
+            state,
+            table,
+        }
+    }
+
+    /// Lands `batch` on S3 and in the local reference landing.
+    async fn land(&self, batch: &str) {
+        land_batch_s3(&self.generated, batch, &self.landing).await;
+        land_batch(&self.generated, &self.local.landing(), batch);
+    }
+
+    /// Runs every layer over the local reference landing and lake.
+    async fn run_local(&self) {
+        let (summary, result) =
+            run_commerce(&self.local.landing(), &self.local.lake(), &Layer::ALL).await;
+        assert!(result.is_ok(), "{result:?}\n{}", summary.to_json_line());
+    }
+
+    fn local_lake(&self) -> String {
+        self.local.lake().display().to_string()
+    }
+}
+
 /// Lands `batch` of the generated landing at `src` under the S3 landing `landing`.
 async fn land_batch_s3(src: &Path, batch: &str, landing: &str) {
     let staging = tempfile::tempdir().expect("tmp");
@@ -110,29 +157,19 @@ async fn lake_counts(lake: &str) -> Vec<(String, String)> {
 #[ignore = "needs the S3 server and DynamoDB Local of scripts/services.sh (scripts/test.sh starts them)"]
 async fn commerce_on_s3_with_state_in_dynamodb_equals_the_local_run() {
     require_services();
-    let s = Scratch::new();
-    let generated = s.dir.path().join("generated");
-    generate_landing(&generated, 0.002, 2, 5);
-    let prefix = s3_location("e2e");
-    let (landing, lake) = (format!("{prefix}/landing"), format!("{prefix}/lake"));
-    let (state, _) = dynamodb_state("e2e").await;
-
+    let w = S3World::new("e2e", "s3", 0.002, 2, 5).await;
+    let (landing, lake, state) = (w.landing.clone(), w.lake.clone(), Arc::clone(&w.state));
     for batch in ["batch-0001", "batch-0002"] {
-        land_batch_s3(&generated, batch, &landing).await;
+        w.land(batch).await;
         let (summary, result) =
             run_commerce_at(&landing, &lake, Arc::clone(&state), &Layer::ALL).await;
         assert!(result.is_ok(), "{result:?}\n{}", summary.to_json_line());
-        land_batch(&generated, &s.landing(), batch);
-        let (_, local) = run_commerce(&s.landing(), &s.lake(), &Layer::ALL).await;
-        assert!(local.is_ok(), "{local:?}");
+        w.run_local().await;
     }
     let on_s3 = gold_snapshot_at(&lake).await;
     assert!(on_s3.values().all(|rows| !rows.is_empty()), "{on_s3:?}");
-    assert_eq!(on_s3, gold_snapshot(&s.lake()).await);
-    assert_eq!(
-        lake_counts(&lake).await,
-        lake_counts(s.lake().to_str().unwrap_or_default()).await
-    );
+    assert_eq!(on_s3, gold_snapshot(&w.local.lake()).await);
+    assert_eq!(lake_counts(&lake).await, lake_counts(&w.local_lake()).await);
 
     // The state lives in DynamoDB: watermarks, ingested files and a run record per run.
     let bronze = state.get("commerce/bronze/orders").await.expect("state");
@@ -207,13 +244,14 @@ async fn a_stale_watermark_write_is_refused_by_dynamodb() {
 #[ignore = "needs the S3 server and DynamoDB Local of scripts/services.sh (scripts/test.sh starts them)"]
 async fn a_layer_leased_to_another_run_stops_with_exit_code_5_or_waits() {
     require_services();
-    let s = Scratch::new();
-    let generated = s.dir.path().join("generated");
-    generate_landing(&generated, 0.001, 1, 3);
-    let prefix = s3_location("lease");
-    let (landing, lake) = (format!("{prefix}/landing"), format!("{prefix}/lake"));
-    let (state, table) = dynamodb_state("lease").await;
-    land_batch_s3(&generated, "batch-0001", &landing).await;
+    let w = S3World::new("lease", "s3", 0.001, 1, 3).await;
+    let (landing, lake, state, table) = (
+        w.landing.clone(),
+        w.lake.clone(),
+        Arc::clone(&w.state),
+        w.table.clone(),
+    );
+    w.land("batch-0001").await;
 
     let other = LeaseBuilder::new(Arc::clone(&state), "commerce/leases/bronze", "other-run")
         .with_ttl(Duration::from_secs(30))
@@ -275,16 +313,10 @@ async fn a_layer_leased_to_another_run_stops_with_exit_code_5_or_waits() {
 #[ignore = "needs the S3 server and DynamoDB Local of scripts/services.sh (scripts/test.sh starts them)"]
 async fn two_runs_of_one_layer_started_together_do_the_work_once() {
     require_services();
-    let s = Scratch::new();
-    let generated = s.dir.path().join("generated");
-    generate_landing(&generated, 0.002, 1, 4);
-    let prefix = s3_location("together");
-    let (landing, lake) = (format!("{prefix}/landing"), format!("{prefix}/lake"));
-    let (_, table) = dynamodb_state("together").await;
-    land_batch_s3(&generated, "batch-0001", &landing).await;
-    land_batch(&generated, &s.landing(), "batch-0001");
-    let (_, local) = run_commerce(&s.landing(), &s.lake(), &Layer::ALL).await;
-    assert!(local.is_ok());
+    let w = S3World::new("together", "s3", 0.002, 1, 4).await;
+    let (landing, lake, table) = (w.landing.clone(), w.lake.clone(), w.table.clone());
+    w.land("batch-0001").await;
+    w.run_local().await;
 
     let mut busy_seen = 0;
     for layer in ["bronze", "silver", "gold"] {
@@ -344,13 +376,10 @@ async fn two_runs_of_one_layer_started_together_do_the_work_once() {
         }
     }
     println!("runs refused by the lease: {busy_seen} of 3 layers");
-    assert_eq!(
-        lake_counts(&lake).await,
-        lake_counts(s.lake().to_str().unwrap_or_default()).await
-    );
+    assert_eq!(lake_counts(&lake).await, lake_counts(&w.local_lake()).await);
     assert_eq!(
         gold_snapshot_at(&lake).await,
-        gold_snapshot(&s.lake()).await
+        gold_snapshot(&w.local.lake()).await
     );
 }
 
@@ -477,21 +506,17 @@ async fn sigkill_at_random_points_then_rerun_equals_an_uninterrupted_run() {
         .unwrap_or_else(|| chrono::Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64 | 1);
     println!("kill seed: {seed} (set MEDALLION_KILL_SEED to replay)");
     let mut rng = XorShift(seed);
-    let s = Scratch::new();
-    let generated = s.dir.path().join("generated");
-    generate_landing(&generated, 0.002, 3, 8);
-    let prefix = s3_location("kill");
-    let landing = format!("{prefix}/landing");
-    // The killed lake, and an uninterrupted one fed the same batches: the reference, and
-    // the measure of how long each layer's run takes (the window kills are drawn from).
-    let (lake, reference) = (format!("{prefix}/lake"), format!("{prefix}/ref"));
-    let (_, table) = dynamodb_state("kill").await;
+    let w = S3World::new("kill", "s3", 0.002, 3, 8).await;
+    let (landing, lake, table) = (w.landing.clone(), w.lake.clone(), w.table.clone());
+    // An uninterrupted lake fed the same batches: the reference, and the measure of how
+    // long each layer's run takes (the window kills are drawn from).
+    let reference = lake.replace("/lake", "/ref");
     let (_, reference_table) = dynamodb_state("kill-ref").await;
 
     const KILLS_PER_LAYER: usize = 4;
     let mut kills = 0;
     for batch in ["batch-0001", "batch-0002", "batch-0003"] {
-        land_batch_s3(&generated, batch, &landing).await;
+        land_batch_s3(&w.generated, batch, &landing).await;
         for layer in ["bronze", "silver", "gold"] {
             let started = Instant::now();
             let uninterrupted = run_bin(&strs(&run_args(
@@ -568,16 +593,10 @@ async fn s3_faults_are_retried_and_a_run_that_cannot_finish_changes_nothing() {
     require_services();
     let plan = FaultPlan::default();
     install_faulty_s3a(&plan);
-    let s = Scratch::new();
-    let generated = s.dir.path().join("generated");
-    generate_landing(&generated, 0.001, 1, 6);
-    let prefix = s3_location("faults").replacen("s3://", "s3a://", 1);
-    let (landing, lake) = (format!("{prefix}/landing"), format!("{prefix}/lake"));
-    let (state, _) = dynamodb_state("faults").await;
-    land_batch_s3(&generated, "batch-0001", &landing).await;
-    land_batch(&generated, &s.landing(), "batch-0001");
-    let (_, local) = run_commerce(&s.landing(), &s.lake(), &Layer::ALL).await;
-    assert!(local.is_ok());
+    let w = S3World::new("faults", "s3a", 0.001, 1, 6).await;
+    let (landing, lake, state) = (w.landing.clone(), w.lake.clone(), Arc::clone(&w.state));
+    w.land("batch-0001").await;
+    w.run_local().await;
 
     // Transient faults on every kind of request: each is retried and the run succeeds.
     plan.add(FaultRule::new(Fault::Status(503)).every(4));
@@ -592,14 +611,15 @@ async fn s3_faults_are_retried_and_a_run_that_cannot_finish_changes_nothing() {
     assert!(injected >= 20, "only {injected} faults were injected");
     assert_eq!(
         gold_snapshot_at(&lake).await,
-        gold_snapshot(&s.lake()).await
+        gold_snapshot(&w.local.lake()).await
     );
 
     // A new batch, and S3 refuses every commit to a Delta log for good: the run fails, and
     // every table stays at the version it had.
     plan.clear();
-    generate_landing(&s.dir.path().join("more"), 0.001, 2, 6);
-    land_batch_s3(&s.dir.path().join("more"), "batch-0002", &landing).await;
+    let more = w.local.dir.path().join("more");
+    generate_landing(&more, 0.001, 2, 6);
+    land_batch_s3(&more, "batch-0002", &landing).await;
     let versions_before = lake_versions(&lake).await;
     plan.add(
         FaultRule::new(Fault::Status(503))
@@ -613,13 +633,9 @@ async fn s3_faults_are_retried_and_a_run_that_cannot_finish_changes_nothing() {
     plan.clear();
     let (summary, result) = run_commerce_at(&landing, &lake, Arc::clone(&state), &Layer::ALL).await;
     assert!(result.is_ok(), "{result:?}\n{}", summary.to_json_line());
-    land_batch(&s.dir.path().join("more"), &s.landing(), "batch-0002");
-    let (_, local) = run_commerce(&s.landing(), &s.lake(), &Layer::ALL).await;
-    assert!(local.is_ok());
-    assert_eq!(
-        lake_counts(&lake).await,
-        lake_counts(s.lake().to_str().unwrap_or_default()).await
-    );
+    land_batch(&more, &w.local.landing(), "batch-0002");
+    w.run_local().await;
+    assert_eq!(lake_counts(&lake).await, lake_counts(&w.local_lake()).await);
 }
 
 /// Version of every commerce table at `lake` (`None`: not created).
@@ -663,12 +679,9 @@ async fn lake_versions(lake: &str) -> Vec<(String, Option<u64>)> {
 #[ignore = "needs the S3 server and DynamoDB Local of scripts/services.sh (scripts/test.sh starts them)"]
 async fn an_unusable_store_is_named_before_any_write() {
     require_services();
-    let s = Scratch::new();
-    generate_landing(&s.landing(), 0.001, 1, 2);
-    let prefix = s3_location("errors");
-    let (landing, lake) = (format!("{prefix}/landing"), format!("{prefix}/lake"));
-    upload_tree(&s.landing(), &landing).await;
-    let (_, table) = dynamodb_state("errors").await;
+    let w = S3World::new("errors", "s3", 0.001, 1, 2).await;
+    let (landing, lake, table) = (w.landing.clone(), w.lake.clone(), w.table.clone());
+    w.land("batch-0001").await;
     let nothing_written = || async {
         let url = medallion_engine::location::parse_location(&lake).expect("url");
         let (store, path) = medallion_engine::location::object_store_for(&url).expect("store");
