@@ -202,8 +202,10 @@ impl Lease {
 
     /// Gives the lease back so that the next run need not wait for it to expire.
     pub async fn release(self) -> Result<(), ConnectorError> {
-        self.renewer.abort();
+        // The lock first: a renewal in flight finishes and records its version, so the
+        // release below does not conflict with our own last write.
         let mut version = self.shared.version.lock().await;
+        self.renewer.abort();
         let Some(current) = version.take() else {
             return Ok(());
         };
