@@ -213,7 +213,7 @@ fn bench_rules_and_dedup(c: &mut Criterion, rt: &Runtime, landing: &Landing) -> 
                     ])
                     .execute(&ctx)
                     .await?;
-                Ok::<_, Box<dyn std::error::Error>>(deduped.count().await?)
+                Ok::<_, Box<dyn std::error::Error>>(deduped.rows.count().await?)
             })
         })
     });

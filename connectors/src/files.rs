@@ -184,43 +184,84 @@ impl FilesSource {
 
     /// Reads and parses one file. Parsing runs on a blocking thread.
     pub async fn read(&self, file: &LandedFile) -> Result<Vec<RecordBatch>, ConnectorError> {
-        let (store, _) = self.store()?;
-        let unreadable = |source| ConnectorError::Unreadable {
-            file: file.location.clone(),
-            source: Box::new(source),
-        };
-        let bytes = store
-            .get(&file.path)
-            .await
-            .map_err(unreadable)?
-            .bytes()
-            .await
-            .map_err(unreadable)?;
-        let this = self.clone();
-        let location = file.location.clone();
-        let parsed = tokio::task::spawn_blocking(move || this.parse(&bytes, &location)).await;
-        match parsed {
-            Ok(result) => result,
-            Err(join) => Err(ConnectorError::StateStore {
-                store: "parser".into(),
-                reason: join.to_string(),
-            }),
-        }
+        self.read_batches(file).try_collect().await
+    }
+
+    /// Reads one file and parses it on a blocking thread, yielding each batch as it is cut.
+    /// The file is never held parsed whole: its bytes and at most [`BATCHES_AHEAD`] parsed
+    /// batches wait for the consumer. Fetching and parsing start at once, so a caller that
+    /// opens the next file's stream before draining this one reads ahead by that much.
+    pub fn read_batches(
+        &self,
+        file: &LandedFile,
+    ) -> impl futures::Stream<Item = Result<RecordBatch, ConnectorError>> + Send + use<> {
+        let (tx, rx) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
+        let (this, file) = (self.clone(), file.clone());
+        tokio::spawn(async move {
+            let fetched = async {
+                let (store, _) = this.store()?;
+                let unreadable = |source| ConnectorError::Unreadable {
+                    file: file.location.clone(),
+                    source: Box::new(source),
+                };
+                store
+                    .get(&file.path)
+                    .await
+                    .map_err(unreadable)?
+                    .bytes()
+                    .await
+                    .map_err(unreadable)
+            };
+            let bytes = match fetched.await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let sink = tx.clone();
+            let parsed = tokio::task::spawn_blocking(move || {
+                let mut rows = RowsBuilder::new(this.schema(), &file.location).with_sink(sink);
+                this.parse_into(&bytes, &mut rows)?;
+                rows.cut()
+            })
+            .await;
+            let failed = match parsed {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(join) => ConnectorError::StateStore {
+                    store: "parser".into(),
+                    reason: join.to_string(),
+                },
+            };
+            // A consumer that went away needs no error.
+            let _ = tx.send(Err(failed)).await;
+        });
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
     }
 
     /// Parses the bytes of one file located at `location`.
     pub fn parse(&self, bytes: &[u8], location: &str) -> Result<Vec<RecordBatch>, ConnectorError> {
         let mut rows = RowsBuilder::new(self.schema(), location);
-        match &self.format {
-            FileFormat::Csv => parse_csv(bytes, &self.columns, &mut rows)?,
-            FileFormat::JsonLines => parse_json_lines(bytes, &mut rows)?,
-            FileFormat::JsonDocument { explode } => {
-                parse_json_document(bytes, &self.columns, explode.as_ref(), &mut rows)?
-            }
-        }
+        self.parse_into(bytes, &mut rows)?;
         rows.finish()
     }
+
+    fn parse_into(&self, bytes: &[u8], rows: &mut RowsBuilder) -> Result<(), ConnectorError> {
+        match &self.format {
+            FileFormat::Csv => parse_csv(bytes, &self.columns, rows),
+            FileFormat::JsonLines => parse_json_lines(bytes, rows),
+            FileFormat::JsonDocument { explode } => {
+                parse_json_document(bytes, &self.columns, explode.as_ref(), rows)
+            }
+        }
+    }
 }
+
+/// Parsed batches of one file that may wait for their consumer.
+const BATCHES_AHEAD: usize = 2;
 
 /// Accumulates rows of text columns plus provenance, cutting a batch every `BATCH_ROWS`.
 struct RowsBuilder {
@@ -231,6 +272,8 @@ struct RowsBuilder {
     lines: Int64Builder,
     len: usize,
     done: Vec<RecordBatch>,
+    /// Where cut batches go when they are consumed while the file is parsed.
+    sink: Option<tokio::sync::mpsc::Sender<Result<RecordBatch, ConnectorError>>>,
 }
 
 impl RowsBuilder {
@@ -244,7 +287,16 @@ impl RowsBuilder {
             lines: Int64Builder::new(),
             len: 0,
             done: Vec::new(),
+            sink: None,
         }
+    }
+
+    fn with_sink(
+        mut self,
+        sink: tokio::sync::mpsc::Sender<Result<RecordBatch, ConnectorError>>,
+    ) -> Self {
+        self.sink = Some(sink);
+        self
     }
 
     fn push<'a>(
@@ -293,10 +345,23 @@ impl RowsBuilder {
         }
         columns.push(Arc::new(files.finish()));
         columns.push(Arc::new(self.lines.finish()));
-        self.done
-            .push(RecordBatch::try_new(Arc::clone(&self.schema), columns)?);
+        let batch = RecordBatch::try_new(Arc::clone(&self.schema), columns)?;
         self.len = 0;
-        Ok(())
+        match &self.sink {
+            Some(sink) => sink
+                .blocking_send(Ok(batch))
+                .map_err(|_| ConnectorError::Unreadable {
+                    file: self.location.clone(),
+                    source: Box::new(object_store::Error::Generic {
+                        store: "parser",
+                        source: "the consumer of the parsed rows stopped".into(),
+                    }),
+                }),
+            None => {
+                self.done.push(batch);
+                Ok(())
+            }
+        }
     }
 
     fn finish(mut self) -> Result<Vec<RecordBatch>, ConnectorError> {

@@ -128,8 +128,11 @@ fn main() -> ExitCode {
     // A run allocates and frees batches of hundreds of MB; returning freed pages to the kernel
     // after mimalloc's default 10 ms made it zero them again on the next batch (a quarter of
     // silver's CPU). The process is short-lived: keep what it took until it exits.
-    // SAFETY: sets a plain integer option of the allocator; no memory is touched.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // mimalloc's own `MIMALLOC_PURGE_DELAY`, when set, still decides.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a plain integer option of the allocator; no memory is touched.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
     init_logging();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

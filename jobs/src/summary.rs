@@ -24,6 +24,9 @@ pub struct TableSummary {
     pub table_bytes: u64,
     pub delta_version: Option<u64>,
     pub duration_ms: u64,
+    /// Bytes written to local spill files because the memory limit was reached.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub spilled_bytes: u64,
     /// Why nothing was written, when nothing was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
@@ -90,4 +93,8 @@ impl RunSummary {
         ));
         out
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

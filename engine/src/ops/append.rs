@@ -61,7 +61,8 @@ impl AppendBuilder {
             Some(crate::location::storage_options(&self.url)),
         )
         .map_err(|e| EngineError::delta(&self.url, e))?
-        .with_target_file_size(self.target_file_size);
+        .with_target_file_size(self.target_file_size)
+        .with_writer_properties(super::writer_properties());
         Ok(StagedAppend {
             builder: self,
             writer,

@@ -90,6 +90,7 @@ pub(crate) async fn write_dataframe(
         .with_session_state(Arc::new(session_state))
         .with_save_mode(mode)
         .with_target_file_size(Some(DEFAULT_TARGET_FILE_SIZE))
+        .with_writer_properties(super::writer_properties())
         .with_configuration(super::target_file_size_property())
         .with_commit_properties(AppTransaction::commit_properties(txn));
     if !partition_columns.is_empty() {

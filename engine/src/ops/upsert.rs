@@ -23,6 +23,7 @@ pub struct UpsertBuilder {
     winner_order: Vec<String>,
     partition_columns: Vec<String>,
     txn: Option<AppTransaction>,
+    source_key_nulls: Option<bool>,
 }
 
 impl UpsertBuilder {
@@ -34,6 +35,7 @@ impl UpsertBuilder {
             winner_order: Vec::new(),
             partition_columns: Vec::new(),
             txn: None,
+            source_key_nulls: None,
         }
     }
 
@@ -52,6 +54,13 @@ impl UpsertBuilder {
 
     pub fn with_transaction(mut self, txn: AppTransaction) -> Self {
         self.txn = Some(txn);
+        self
+    }
+
+    /// Whether some source row has a null key, when the caller already knows; otherwise the
+    /// source is read once more to find out.
+    pub fn with_source_key_nulls(mut self, any_null: bool) -> Self {
+        self.source_key_nulls = Some(any_null);
         self
     }
 
@@ -82,8 +91,11 @@ impl UpsertBuilder {
         // equality on a column into `target.k BETWEEN min(source.k) AND max(source.k)` and
         // skips every file whose statistics fall outside, so a small batch whose keys are
         // close together (new events, say) rewrites a few files instead of the whole table.
-        // The check reads the source once more; silver hands in an in-memory batch.
-        let key_op = if source_has_null_key(&self.source, &self.keys).await? {
+        let any_null = match self.source_key_nulls {
+            Some(known) => known,
+            None => source_has_null_key(&self.source, &self.keys).await?,
+        };
+        let key_op = if any_null {
             Operator::IsNotDistinctFrom
         } else {
             Operator::Eq
@@ -105,6 +117,7 @@ impl UpsertBuilder {
             .with_source_alias("source")
             .with_target_alias("target")
             .with_session_state(session)
+            .with_writer_properties(super::writer_properties())
             .with_commit_properties(AppTransaction::commit_properties(self.txn.as_ref()))
             .when_matched_update(|update| {
                 columns.iter().fold(update.predicate(wins), |u, c| {

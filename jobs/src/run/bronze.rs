@@ -199,19 +199,15 @@ async fn stage_table(
         tokio::spawn(async move {
             let mut staged = builder.stage()?;
             let mut part = TableSummary::default();
-            // The next file is fetched and parsed while the current one is encoded.
-            let mut reads = futures::stream::iter(group.into_iter().map(|file| {
-                let source = Arc::clone(&source);
-                async move {
-                    let read = source.read(&file).await;
-                    (file, read)
-                }
-            }))
-            .buffered(2);
-            while let Some((file, batches)) = reads.next().await {
+            // A file is parsed on a blocking thread a few batches ahead of its encoding; no
+            // file is held parsed whole, and one file's bytes at a time per writer.
+            for file in group {
+                let batches = source.read_batches(&file);
                 let i = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 bar.set_message(format!("file {i}/{total_files}: {}", file.location));
-                for batch in batches? {
+                let mut batches = std::pin::pin!(batches);
+                while let Some(batch) = batches.next().await {
+                    let batch = batch?;
                     part.rows_read += batch.num_rows() as u64;
                     staged.write(metadata.attach(&batch, &schema)?).await?;
                 }

@@ -15,7 +15,7 @@ use futures::StreamExt as _;
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{DataFrame, col, lit};
 use medallion_connectors::state::{get_typed, put_typed};
-use medallion_engine::dedup::DedupBuilder;
+use medallion_engine::dedup::{DedupBuilder, Deduplicated};
 use medallion_engine::ops::{AppendBuilder, UpsertBuilder};
 use medallion_engine::session::sql_with_table;
 use medallion_engine::table;
@@ -156,6 +156,7 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     let valid = route_checked_rows(&run.ctx, checked.clone(), Arc::clone(&router)).await?;
     bar.set_message("shaping and deduplicating");
     let deduped = shape_and_dedup(run, spec, valid).await?;
+    summary.spilled_bytes = deduped.spilled_bytes;
     tracing::debug!(
         table = name,
         ms = elapsed_ms(started),
@@ -241,7 +242,8 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     tracing::debug!(table = name, ms = elapsed_ms(started), "quarantine written");
     bar.set_message("merging");
     let url = run.pipeline.table_url("silver", &name)?;
-    let metrics = UpsertBuilder::new(url.clone(), deduped, spec.key.clone())
+    let metrics = UpsertBuilder::new(url.clone(), deduped.rows, spec.key.clone())
+        .with_source_key_nulls(deduped.has_null_key)
         .with_winner_order(winner_order(spec))
         .with_partition_columns(spec.partition_by.clone())
         .with_transaction(run.transaction(Layer::Silver, &name, seq))
@@ -342,8 +344,11 @@ async fn route_checked_rows(
                     .map_err(|_| external("the row router was poisoned".into()))?;
                 let failed = r.tally.add(&batch).map_err(|e| external(e.to_string()))?;
                 if failed.true_count() > 0 {
-                    r.quarantined
-                        .push(arrow::compute::filter_record_batch(&batch, &failed)?);
+                    // Compacted: the few failed rows would otherwise hold every decoded page
+                    // of the batch until the quarantine is written.
+                    r.quarantined.push(medallion_engine::dedup::compact_views(
+                        arrow::compute::filter_record_batch(&batch, &failed)?,
+                    )?);
                 }
                 drop(r);
                 let passed = arrow::compute::not(&failed)?;
@@ -472,7 +477,7 @@ pub(crate) async fn shape_and_dedup(
     run: &RunContext<'_>,
     spec: &SilverSpec,
     valid: DataFrame,
-) -> Result<DataFrame, JobError> {
+) -> Result<Deduplicated, JobError> {
     let sql = run.pipeline.sql(&spec.sql)?;
     let shaped = sql_with_table(&run.ctx, INPUT_RELATION, valid, sql).await?;
     if tracing::enabled!(tracing::Level::TRACE) {
@@ -494,7 +499,7 @@ pub(crate) async fn dedup(
     ctx: &datafusion::prelude::SessionContext,
     shaped: DataFrame,
     spec: &SilverSpec,
-) -> Result<DataFrame, JobError> {
+) -> Result<Deduplicated, JobError> {
     Ok(DedupBuilder::new(shaped, spec.key.clone())
         .with_winner_order(winner_order(spec))
         .with_cluster_by(spec.partition_by.clone())
