@@ -155,7 +155,8 @@ impl DedupBuilder {
             .map_err(|_| DataFusionError::Internal("dedup buckets still shared".into()))?
             .into_inner()
             .map_err(|_| DataFusionError::Internal("dedup buckets poisoned".into()))?;
-        let (buckets, stats) = store.finish()?;
+        let (buckets, reservation, stats) = store.finish()?;
+        let reservation = Arc::new(reservation);
         if stats.spilled_rows > 0 {
             tracing::info!(
                 rows = stats.spilled_rows,
@@ -169,6 +170,7 @@ impl DedupBuilder {
                 Arc::new(ReducedPartition {
                     reduction: Arc::clone(&reduction),
                     buckets: buckets.iter().skip(p).step_by(n).cloned().collect(),
+                    _reservation: Arc::clone(&reservation),
                 }) as Arc<dyn PartitionStream>
             })
             .collect();
@@ -440,7 +442,12 @@ impl BucketStore {
         Ok(())
     }
 
-    fn finish(mut self) -> std::result::Result<(Vec<Arc<Bucket>>, SpillStats), DataFusionError> {
+    /// The buckets, the reservation that still accounts for the rows they hold in memory,
+    /// and what was spilled.
+    fn finish(
+        mut self,
+    ) -> std::result::Result<(Vec<Arc<Bucket>>, MemoryReservation, SpillStats), DataFusionError>
+    {
         let mut out = Vec::with_capacity(self.buckets.len());
         for mut bucket in std::mem::take(&mut self.buckets) {
             if !bucket.pieces.is_empty() {
@@ -464,8 +471,8 @@ impl BucketStore {
                 }));
             }
         }
-        // The buckets stay in memory for as long as the output can be read.
-        Ok((out, self.stats))
+        // The buckets stay in memory, and reserved, for as long as the output can be read.
+        Ok((out, self.reservation, self.stats))
     }
 }
 
@@ -497,6 +504,8 @@ impl Bucket {
 struct ReducedPartition {
     reduction: Arc<Reduction>,
     buckets: Vec<Arc<Bucket>>,
+    /// Released with the last partition: the pool sees the buckets until nothing can read them.
+    _reservation: Arc<MemoryReservation>,
 }
 
 impl std::fmt::Debug for ReducedPartition {
