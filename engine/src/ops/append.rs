@@ -11,7 +11,10 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::{Action, StructType};
 use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use datafusion::arrow::array::{Array, Scalar};
+use datafusion::arrow::compute::kernels::cmp::not_distinct;
+use deltalake::kernel::scalars::ScalarExt;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use url::Url;
 
 use super::{AppTransaction, CommitMetrics, DEFAULT_TARGET_FILE_SIZE};
@@ -81,6 +84,31 @@ pub struct StagedAppend {
     absorbed: Vec<deltalake::kernel::Add>,
 }
 
+/// The partition values of `batch` when all its rows share them; `None` when they differ or
+/// the table is not partitioned.
+fn single_partition_of<M, S>(batch: &RecordBatch, partition_columns: &[String]) -> Result<Option<M>>
+where
+    M: FromIterator<(String, S)>,
+    S: ScalarExt,
+{
+    if partition_columns.is_empty() || batch.num_rows() == 0 {
+        return Ok(None);
+    }
+    let mut values = Vec::with_capacity(partition_columns.len());
+    for name in partition_columns {
+        let column = batch.column(batch.schema().index_of(name)?).clone();
+        let first = Scalar::new(column.slice(0, 1));
+        if not_distinct(&column, &first)?.true_count() != column.len() {
+            return Ok(None);
+        }
+        let Some(value) = S::from_array(&column, 0) else {
+            return Ok(None);
+        };
+        values.push((name.clone(), value));
+    }
+    Ok(Some(values.into_iter().collect()))
+}
+
 impl std::fmt::Debug for StagedAppend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StagedAppend")
@@ -106,10 +134,17 @@ impl StagedAppend {
             });
         }
         self.rows += batch.num_rows() as u64;
-        self.writer
-            .write(batch)
-            .await
-            .map_err(|e| EngineError::delta(&self.builder.url, e))
+        let written = match single_partition_of(&batch, &self.builder.partition_columns)? {
+            // delta-rs splits every batch by partition with a sort and a copy of each column,
+            // also when every row has the same partition values (a bronze ingest date).
+            Some(values) => self
+                .writer
+                .write_partition(batch, &values, WriteMode::Default)
+                .await
+                .map(|_| ()),
+            None => self.writer.write(batch).await,
+        };
+        written.map_err(|e| EngineError::delta(&self.builder.url, e))
     }
 
     /// Rows written so far.
