@@ -41,8 +41,8 @@ enum Command {
         /// DataFusion target partitions; default: the number of cores.
         #[arg(long)]
         target_partitions: Option<usize>,
-        /// Memory budget of query execution (`2GiB`, `512MiB`): sorts, joins and aggregations
-        /// spill to local disk beyond it instead of failing.
+        /// Memory budget of query execution (`2GiB`, `512MiB`): sorts, joins, aggregations and
+        /// silver's dedup by key spill to local disk beyond it instead of failing.
         #[arg(long, env = "MEDALLION_MEMORY_LIMIT", value_parser = parse_size)]
         memory_limit: Option<usize>,
         /// A hash join whose smaller side has at most this many rows broadcasts it instead of

@@ -4,16 +4,16 @@
 
 use std::sync::Arc;
 
+use datafusion::arrow::array::{Array, Scalar};
+use datafusion::arrow::compute::kernels::cmp::not_distinct;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
+use deltalake::kernel::scalars::ScalarExt;
 use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::{Action, StructType};
 use deltalake::protocol::{DeltaOperation, SaveMode};
-use datafusion::arrow::array::{Array, Scalar};
-use datafusion::arrow::compute::kernels::cmp::not_distinct;
-use deltalake::kernel::scalars::ScalarExt;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use url::Url;
 
