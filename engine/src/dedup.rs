@@ -356,8 +356,6 @@ struct FillingBucket {
     pieces: Vec<RecordBatch>,
     piece_rows: usize,
     batches: Vec<RecordBatch>,
-    /// Bytes of `pieces` and `batches`, as reserved.
-    bytes: usize,
     spill: Option<SpillSink>,
 }
 
@@ -392,7 +390,6 @@ impl BucketStore {
         }
         for (b, piece) in pieces.pieces {
             let bucket = &mut self.buckets[b];
-            bucket.bytes += piece.get_array_memory_size();
             bucket.piece_rows += piece.num_rows();
             bucket.pieces.push(piece);
             if bucket.piece_rows >= COALESCE_ROWS {
@@ -406,7 +403,6 @@ impl BucketStore {
                 bucket.pieces.clear();
                 bucket.piece_rows = 0;
                 bucket.batches.push(joined);
-                bucket.bytes = bucket.bytes + after - before;
                 if after > before {
                     self.reservation.grow(after - before);
                 } else {
@@ -436,7 +432,6 @@ impl BucketStore {
                 sink.writer.write(&batch)?;
             }
             bucket.piece_rows = 0;
-            bucket.bytes = 0;
         }
         self.reservation.free();
         Ok(())

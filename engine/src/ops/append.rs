@@ -96,12 +96,12 @@ where
     }
     let mut values = Vec::with_capacity(partition_columns.len());
     for name in partition_columns {
-        let column = batch.column(batch.schema().index_of(name)?).clone();
+        let column = batch.column(batch.schema().index_of(name)?);
         let first = Scalar::new(column.slice(0, 1));
-        if not_distinct(&column, &first)?.true_count() != column.len() {
+        if not_distinct(column, &first)?.true_count() != column.len() {
             return Ok(None);
         }
-        let Some(value) = S::from_array(&column, 0) else {
+        let Some(value) = S::from_array(column.as_ref(), 0) else {
             return Ok(None);
         };
         values.push((name.clone(), value));
