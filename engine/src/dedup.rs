@@ -20,9 +20,12 @@ use std::io::BufReader;
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BinaryViewArray, RecordBatch, StringViewArray, UInt32Array,
+    Array, ArrayRef, BinaryViewArray, ByteView, GenericByteViewArray, MAX_INLINE_VIEW_LEN,
+    RecordBatch, StringViewArray, UInt32Array,
 };
+use datafusion::arrow::buffer::{Buffer, ScalarBuffer};
 use datafusion::arrow::compute::{concat_batches, interleave_record_batch, take_record_batch};
+use datafusion::arrow::datatypes::ByteViewType;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::arrow::ipc::writer::StreamWriter;
@@ -62,12 +65,14 @@ pub struct DedupBuilder {
     winner_order: Vec<String>,
     cluster_by: Vec<String>,
     output_partitions: usize,
+    read_once: bool,
 }
 
 /// The result of a [`DedupBuilder`].
 #[derive(Debug)]
 pub struct Deduplicated {
-    /// One row per key; may be read more than once.
+    /// One row per key; may be read more than once unless built
+    /// [`DedupBuilder::with_read_once`].
     pub rows: DataFrame,
     /// Whether some incoming row had a null in a key column (null keys are one key).
     pub has_null_key: bool,
@@ -84,6 +89,7 @@ impl DedupBuilder {
             winner_order: Vec::new(),
             cluster_by: Vec::new(),
             output_partitions: 1,
+            read_once: false,
         }
     }
 
@@ -105,6 +111,14 @@ impl DedupBuilder {
     /// parallel.
     pub fn with_output_partitions(mut self, n: usize) -> Self {
         self.output_partitions = n.max(1);
+        self
+    }
+
+    /// The output will be read once (a first write, not a MERGE): each bucket is freed as soon
+    /// as its winners are out, so that the rows a write has encoded stop holding memory while
+    /// it encodes the rest. A second read fails instead of returning nothing.
+    pub fn with_read_once(mut self, once: bool) -> Self {
+        self.read_once = once;
         self
     }
 
@@ -169,8 +183,9 @@ impl DedupBuilder {
             .map(|p| {
                 Arc::new(ReducedPartition {
                     reduction: Arc::clone(&reduction),
-                    buckets: buckets.iter().skip(p).step_by(n).cloned().collect(),
-                    _reservation: Arc::clone(&reservation),
+                    buckets: Mutex::new(Some(buckets.iter().skip(p).step_by(n).cloned().collect())),
+                    read_once: self.read_once,
+                    reservation: Arc::clone(&reservation),
                 }) as Arc<dyn PartitionStream>
             })
             .collect();
@@ -309,6 +324,10 @@ struct Pieces {
 /// filtered or sliced from a larger batch still points into every data buffer of that batch
 /// (for a Parquet scan: every decoded page): holding a few of its rows holds them all, and
 /// spilling them writes them all.
+///
+/// Unlike arrow's `gc`, a value that the row before already pointed at is copied once: a
+/// column decoded from a Parquet dictionary (a file name on every row) stays one value, not
+/// one copy per row.
 pub fn compact_views(batch: RecordBatch) -> std::result::Result<RecordBatch, DataFusionError> {
     if !batch
         .columns()
@@ -322,15 +341,71 @@ pub fn compact_views(batch: RecordBatch) -> std::result::Result<RecordBatch, Dat
         .iter()
         .map(|c| -> ArrayRef {
             if let Some(s) = c.as_any().downcast_ref::<StringViewArray>() {
-                Arc::new(s.gc())
+                Arc::new(compact_view_array(s))
             } else if let Some(b) = c.as_any().downcast_ref::<BinaryViewArray>() {
-                Arc::new(b.gc())
+                Arc::new(compact_view_array(b))
             } else {
                 Arc::clone(c)
             }
         })
         .collect();
     Ok(RecordBatch::try_new(batch.schema(), columns)?)
+}
+
+fn compact_view_array<T: ByteViewType + ?Sized>(
+    array: &GenericByteViewArray<T>,
+) -> GenericByteViewArray<T> {
+    let old_buffers = array.data_buffers();
+    let mut buffers: Vec<Buffer> = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
+    let mut views: Vec<u128> = Vec::with_capacity(array.len());
+    // The last long view copied, and its copy.
+    let mut last: Option<(u128, u128)> = None;
+    for (i, &view) in array.views().iter().enumerate() {
+        let length = view as u32;
+        if length <= MAX_INLINE_VIEW_LEN {
+            views.push(view);
+            continue;
+        }
+        if array.is_null(i) {
+            views.push(0);
+            continue;
+        }
+        if let Some((old, new)) = last
+            && old == view
+        {
+            views.push(new);
+            continue;
+        }
+        let long = ByteView::from(view);
+        if data.len() + length as usize > u32::MAX as usize {
+            buffers.push(Buffer::from_vec(std::mem::take(&mut data)));
+        }
+        let start = long.offset as usize;
+        data.extend_from_slice(
+            &old_buffers[long.buffer_index as usize][start..start + length as usize],
+        );
+        let copied = ByteView {
+            buffer_index: buffers.len() as u32,
+            offset: (data.len() - length as usize) as u32,
+            ..long
+        }
+        .as_u128();
+        views.push(copied);
+        last = Some((view, copied));
+    }
+    if !data.is_empty() {
+        buffers.push(Buffer::from_vec(data));
+    }
+    // SAFETY: every long view points at a copy of the bytes it pointed at before (so they are
+    // valid for `T`), in a buffer of `buffers`; short views and nulls are as they were.
+    unsafe {
+        GenericByteViewArray::new_unchecked(
+            ScalarBuffer::from(views),
+            buffers,
+            array.nulls().cloned(),
+        )
+    }
 }
 
 /// Statistics of a finished partitioning.
@@ -461,6 +536,11 @@ impl BucketStore {
             };
             if spilled.is_some() || !bucket.batches.is_empty() {
                 out.push(Arc::new(Bucket {
+                    bytes: bucket
+                        .batches
+                        .iter()
+                        .map(RecordBatch::get_array_memory_size)
+                        .sum(),
                     in_memory: bucket.batches,
                     spilled,
                 }));
@@ -474,6 +554,8 @@ impl BucketStore {
 /// A bucket's rows: those still in memory and those spilled.
 struct Bucket {
     in_memory: Vec<RecordBatch>,
+    /// What `in_memory` holds, as reserved.
+    bytes: usize,
     spilled: Option<Arc<dyn SpillFile>>,
 }
 
@@ -498,15 +580,18 @@ impl Bucket {
 /// One output partition: its buckets, reduced one at a time as the partition is read.
 struct ReducedPartition {
     reduction: Arc<Reduction>,
-    buckets: Vec<Arc<Bucket>>,
-    /// Released with the last partition: the pool sees the buckets until nothing can read them.
-    _reservation: Arc<MemoryReservation>,
+    /// `None` once a read-once partition has been read.
+    buckets: Mutex<Option<Vec<Arc<Bucket>>>>,
+    read_once: bool,
+    /// Released with the last partition: the pool sees the buckets until nothing can read them
+    /// (a read-once partition gives back each bucket's share as it frees it).
+    reservation: Arc<MemoryReservation>,
 }
 
 impl std::fmt::Debug for ReducedPartition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReducedPartition")
-            .field("buckets", &self.buckets.len())
+            .field("read_once", &self.read_once)
             .finish_non_exhaustive()
     }
 }
@@ -517,23 +602,48 @@ impl PartitionStream for ReducedPartition {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let schema = Arc::clone(&self.reduction.schema);
+        let buckets = match lock(&self.buckets) {
+            Ok(mut held) if self.read_once => held.take(),
+            Ok(held) => held.clone(),
+            Err(e) => {
+                return Box::pin(RecordBatchStreamAdapter::new(
+                    schema,
+                    futures::stream::once(async move { Err(e) }),
+                ));
+            }
+        };
+        let Some(buckets) = buckets else {
+            return Box::pin(RecordBatchStreamAdapter::new(
+                schema,
+                futures::stream::once(async {
+                    Err(DataFusionError::Internal(
+                        "a read-once dedup output was read twice".into(),
+                    ))
+                }),
+            ));
+        };
         let reduction = Arc::clone(&self.reduction);
-        let winners = futures::stream::iter(self.buckets.clone())
+        let (reservation, read_once) = (Arc::clone(&self.reservation), self.read_once);
+        let winners = futures::stream::iter(buckets)
             .map(move |bucket| {
                 let reduced = bucket
                     .load()
                     .and_then(|rows| reduction.winners(&rows))
                     .map_err(|e| DataFusionError::External(Box::new(e)));
+                if read_once {
+                    // This was the bucket's last holder; its winners share its buffers until
+                    // the write has encoded them.
+                    let _ = reservation.try_shrink(bucket.bytes);
+                }
+                drop(bucket);
                 futures::stream::iter(match reduced {
                     Ok(batches) => batches.into_iter().map(Ok).collect::<Vec<_>>(),
                     Err(e) => vec![Err(e)],
                 })
             })
             .flatten();
-        Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&self.reduction.schema),
-            winners,
-        ))
+        Box::pin(RecordBatchStreamAdapter::new(schema, winners))
     }
 }
 
@@ -634,6 +744,77 @@ mod tests {
                 ("z".into(), 7)
             ]
         );
+    }
+
+    /// A read-once output gives the same winners, frees its buckets' reservation as it goes,
+    /// and refuses a second read rather than returning nothing.
+    #[tokio::test]
+    async fn a_read_once_output_frees_its_buckets_and_refuses_a_second_read() {
+        let ctx = crate::session::new_session(&Default::default()).unwrap();
+        let keys: Vec<String> = (0..3000).map(|i| format!("k{}", i % 1000)).collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let ts: Vec<Option<i64>> = (0..3000).map(|i| Some(i % 7)).collect();
+        let line: Vec<i64> = (0..3000).collect();
+        let input = batch(&key_refs, &ts, &line);
+        let reduce = |once: bool| {
+            DedupBuilder::new(ctx.read_batch(input.clone()).unwrap(), vec!["k".into()])
+                .with_winner_order(vec!["ts".into(), "line".into()])
+                .with_output_partitions(2)
+                .with_read_once(once)
+                .execute(&ctx)
+        };
+        let lines = |batches: Vec<RecordBatch>| {
+            let mut v: Vec<i64> = batches
+                .iter()
+                .flat_map(|b| {
+                    let a = b.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
+                    a.values().to_vec()
+                })
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let expected = lines(reduce(false).await.unwrap().rows.collect().await.unwrap());
+        let once = reduce(true).await.unwrap();
+        assert!(ctx.runtime_env().memory_pool.reserved() > 0);
+        let got = lines(once.rows.clone().collect().await.unwrap());
+        assert_eq!(got.len(), 1000);
+        assert_eq!(got, expected);
+        assert_eq!(ctx.runtime_env().memory_pool.reserved(), 0);
+        let again = once.rows.collect().await;
+        assert!(again.is_err(), "a second read must fail");
+    }
+
+    /// A long value repeated on consecutive rows (a file name decoded from a Parquet
+    /// dictionary) is copied once; every other long value once per row; nulls and short
+    /// values as they were.
+    #[test]
+    fn compacting_views_copies_a_repeated_value_once() {
+        let file = "s3://landing/events/batch-0001/part-00000.jsonl";
+        let values: Vec<Option<String>> = (0..1000)
+            .map(|i| match i % 10 {
+                0 => None,
+                1 => Some(format!("short-{i}")),
+                2 => Some(format!("a long value of its own, row {i:04}")),
+                _ => Some(file.to_string()),
+            })
+            .collect();
+        let mut builder =
+            datafusion::arrow::array::StringViewBuilder::new().with_deduplicate_strings();
+        for v in &values {
+            builder.append_option(v.as_deref());
+        }
+        let wide = builder.finish();
+        // A slice still points into every buffer of the whole array.
+        let sliced = wide.slice(100, 500);
+        let compacted = compact_view_array(&sliced);
+        let expected: Vec<Option<&str>> = values[100..600].iter().map(|v| v.as_deref()).collect();
+        assert_eq!(compacted.iter().collect::<Vec<_>>(), expected);
+        let data: usize = compacted.data_buffers().iter().map(|b| b.len()).sum();
+        let own_rows = 50 * "a long value of its own, row 0000".len();
+        // The file name runs 7 rows at a time (rows 3-9 of every 10): one copy per run.
+        let file_runs = 50 * file.len();
+        assert_eq!(data, own_rows + file_runs);
     }
 
     /// Many keys, each sent several times, reduced with and without a memory limit far below

@@ -36,11 +36,17 @@ pub const DEFAULT_TARGET_FILE_SIZE: NonZeroU64 = match NonZeroU64::new(128 * 102
 /// Columns of few values (types, countries, statuses) stay far below this.
 const DICTIONARY_PAGE_BYTES: usize = 128 * 1024;
 
+/// Rows per Parquet row group (DuckDB writes 122,880). A writer holds its open row group,
+/// encoded, until the group is full: at parquet's default of 1 Mi rows a write of 90 date
+/// partitions held nearly the whole table in memory.
+const ROW_GROUP_ROWS: usize = 128 * 1024;
+
 /// Parquet settings of every data file the engine writes.
 pub(crate) fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build()
 }
 

@@ -155,7 +155,11 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     let router = Arc::new(Mutex::new(Router::default()));
     let valid = route_checked_rows(&run.ctx, checked.clone(), Arc::clone(&router)).await?;
     bar.set_message("shaping and deduplicating");
-    let deduped = shape_and_dedup(run, spec, valid).await?;
+    let url = run.pipeline.table_url("silver", &name)?;
+    // A first write reads the winners once (a MERGE reads them twice), so the dedup can free
+    // each bucket as the write takes its rows.
+    let first_write = table::open_table(&url).await?.is_none();
+    let deduped = shape_and_dedup(run, spec, valid, first_write).await?;
     summary.spilled_bytes = deduped.spilled_bytes;
     tracing::debug!(
         table = name,
@@ -241,7 +245,6 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
 
     tracing::debug!(table = name, ms = elapsed_ms(started), "quarantine written");
     bar.set_message("merging");
-    let url = run.pipeline.table_url("silver", &name)?;
     let metrics = UpsertBuilder::new(url.clone(), deduped.rows, spec.key.clone())
         .with_source_key_nulls(deduped.has_null_key)
         .with_winner_order(winner_order(spec))
@@ -477,6 +480,7 @@ pub(crate) async fn shape_and_dedup(
     run: &RunContext<'_>,
     spec: &SilverSpec,
     valid: DataFrame,
+    read_once: bool,
 ) -> Result<Deduplicated, JobError> {
     let sql = run.pipeline.sql(&spec.sql)?;
     let shaped = sql_with_table(&run.ctx, INPUT_RELATION, valid, sql).await?;
@@ -484,7 +488,7 @@ pub(crate) async fn shape_and_dedup(
         let plan = shaped.clone().into_optimized_plan()?;
         tracing::trace!(table = spec.table.get_ref(), plan = %plan.display_indent(), "shaped plan");
     }
-    dedup(&run.ctx, shaped, spec).await
+    dedup(&run.ctx, shaped, spec, read_once).await
 }
 
 /// The columns that decide which row a key keeps, in the batch and against the table alike:
@@ -499,11 +503,13 @@ pub(crate) async fn dedup(
     ctx: &datafusion::prelude::SessionContext,
     shaped: DataFrame,
     spec: &SilverSpec,
+    read_once: bool,
 ) -> Result<Deduplicated, JobError> {
     Ok(DedupBuilder::new(shaped, spec.key.clone())
         .with_winner_order(winner_order(spec))
         .with_cluster_by(spec.partition_by.clone())
         .with_output_partitions(ctx.copied_config().target_partitions())
+        .with_read_once(read_once)
         .execute(ctx)
         .await?)
 }
