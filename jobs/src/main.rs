@@ -124,6 +124,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc's option enum (v2 and v3 alike).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// How long an idle blocking thread (file parsing, delta-rs's Parquet encoding) lives. Pages
+/// that one thread allocated and others freed go back to the allocator's free lists only when
+/// their owner allocates again or exits. Under tokio's default of 10 s, the threads that parsed
+/// bronze sat idle through silver holding their freed pages, and silver took fresh ones
+/// (SF 1 peak: 1.83-1.97 GiB, 1.47-1.53 GiB with this, and no slower).
+const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn main() -> ExitCode {
     // A run allocates and frees batches of hundreds of MB; returning freed pages to the kernel
     // after mimalloc's default 10 ms made it zero them again on the next batch (a quarter of
@@ -137,6 +144,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
         .build()
     {
         Ok(rt) => rt,
