@@ -700,6 +700,19 @@ mod tests {
         .unwrap()
     }
 
+    /// The `line` column (the third) of every row, sorted.
+    fn lines(batches: &[RecordBatch]) -> Vec<i64> {
+        let mut v: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| {
+                let a = b.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
+                a.values().to_vec()
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     #[tokio::test]
     async fn keeps_the_greatest_row_per_key_with_nulls_losing_and_ties_to_the_later() {
         let ctx = crate::session::new_session(&Default::default()).unwrap();
@@ -763,21 +776,10 @@ mod tests {
                 .with_read_once(once)
                 .execute(&ctx)
         };
-        let lines = |batches: Vec<RecordBatch>| {
-            let mut v: Vec<i64> = batches
-                .iter()
-                .flat_map(|b| {
-                    let a = b.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
-                    a.values().to_vec()
-                })
-                .collect();
-            v.sort_unstable();
-            v
-        };
-        let expected = lines(reduce(false).await.unwrap().rows.collect().await.unwrap());
+        let expected = lines(&reduce(false).await.unwrap().rows.collect().await.unwrap());
         let once = reduce(true).await.unwrap();
         assert!(ctx.runtime_env().memory_pool.reserved() > 0);
-        let got = lines(once.rows.clone().collect().await.unwrap());
+        let got = lines(&once.rows.clone().collect().await.unwrap());
         assert_eq!(got.len(), 1000);
         assert_eq!(got, expected);
         assert_eq!(ctx.runtime_env().memory_pool.reserved(), 0);
@@ -845,17 +847,6 @@ mod tests {
                 // Read twice, as a MERGE does: the same rows both times.
                 let first = out.rows.clone().collect().await.unwrap();
                 let second = out.rows.collect().await.unwrap();
-                let lines = |batches: &[RecordBatch]| {
-                    let mut v: Vec<i64> = batches
-                        .iter()
-                        .flat_map(|b| {
-                            let a = b.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
-                            a.values().to_vec()
-                        })
-                        .collect();
-                    v.sort_unstable();
-                    v
-                };
                 assert_eq!(lines(&first), lines(&second));
                 (lines(&first), out.spilled_rows)
             }
