@@ -33,8 +33,10 @@ pub const DEFAULT_TARGET_FILE_SIZE: NonZeroU64 = match NonZeroU64::new(128 * 102
 /// plain encoding. A partitioned write keeps a file open per partition value, each with a
 /// dictionary per column: at parquet's 1 MiB default, a write of 90 date partitions held
 /// about 1 GB in dictionaries of unique-valued columns (ids) that fell back to plain anyway.
-/// Columns of few values (types, countries, statuses) stay far below this.
-const DICTIONARY_PAGE_BYTES: usize = 128 * 1024;
+/// Until it falls back, the writer hashes every value into the dictionary: at 128 KiB that
+/// was a tenth of silver's CPU. Columns of few values (types, countries, statuses) stay far
+/// below 16 KiB; at SF 1 the lake came out 2.6% smaller and the run 4-8% faster than at 128.
+const DICTIONARY_PAGE_BYTES: usize = 16 * 1024;
 
 /// Rows per Parquet row group (DuckDB writes 122,880). A writer holds its open row group,
 /// encoded, until the group is full: at parquet's default of 1 Mi rows a write of 90 date
