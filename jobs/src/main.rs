@@ -123,6 +123,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `mi_option_purge_delay` in mimalloc's option enum (v2 and v3 alike).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 /// Allocator settings for a short-lived process that allocates and frees batches of hundreds
 /// of MB. Each applies only when mimalloc's own variable (`MIMALLOC_PURGE_DELAY`,
 /// `MIMALLOC_ALLOW_THP`) is unset, so that it still decides.
