@@ -128,8 +128,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// of MB. Each applies only when mimalloc's own variable (`MIMALLOC_PURGE_DELAY`,
 /// `MIMALLOC_ALLOW_THP`) is unset, so that it still decides.
 fn tune_allocator() {
-    // Returning freed pages to the kernel after mimalloc's default 10 ms made it zero them
-    // again on the next batch (a quarter of silver's CPU): keep what was taken until exit.
+    // Returning freed pages to the kernel after mimalloc's default delay (1 s in v3, 10 ms in
+    // v2) made it zero them again on a later batch (a quarter of silver's CPU under v2): keep
+    // what was taken until exit.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a plain integer option of the allocator; no memory is touched.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
@@ -412,14 +413,15 @@ mod tests {
     use super::*;
 
     /// The option number is mimalloc's enum, which the crate does not export: an upgrade that
-    /// moved it would set some other option. Unset, it reads as its documented default.
+    /// moved it would set some other option. Unset, it reads as its default in mimalloc v3
+    /// (`options.c`: 1000 ms), the version the crate builds by default.
     #[test]
     fn the_allocator_options_set_are_the_ones_meant() {
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
             // SAFETY: reads an option.
             assert_eq!(
                 unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
-                10
+                1000
             );
         }
     }
