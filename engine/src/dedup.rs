@@ -603,25 +603,24 @@ impl PartitionStream for ReducedPartition {
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let schema = Arc::clone(&self.reduction.schema);
-        let buckets = match lock(&self.buckets) {
-            Ok(mut held) if self.read_once => held.take(),
-            Ok(held) => held.clone(),
+        let taken = lock(&self.buckets).and_then(|mut held| {
+            if self.read_once {
+                held.take()
+            } else {
+                held.clone()
+            }
+            .ok_or_else(|| {
+                DataFusionError::Internal("a read-once dedup output was read twice".into())
+            })
+        });
+        let buckets = match taken {
+            Ok(buckets) => buckets,
             Err(e) => {
                 return Box::pin(RecordBatchStreamAdapter::new(
                     schema,
                     futures::stream::once(async move { Err(e) }),
                 ));
             }
-        };
-        let Some(buckets) = buckets else {
-            return Box::pin(RecordBatchStreamAdapter::new(
-                schema,
-                futures::stream::once(async {
-                    Err(DataFusionError::Internal(
-                        "a read-once dedup output was read twice".into(),
-                    ))
-                }),
-            ));
         };
         let reduction = Arc::clone(&self.reduction);
         let (reservation, read_once) = (Arc::clone(&self.reservation), self.read_once);
