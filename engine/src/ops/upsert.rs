@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use datafusion::logical_expr::{Operator, binary_expr};
 use datafusion::prelude::{DataFrame, Expr, col};
+use deltalake::DeltaTable;
 use deltalake::protocol::SaveMode;
 use url::Url;
 
@@ -24,6 +25,7 @@ pub struct UpsertBuilder {
     partition_columns: Vec<String>,
     txn: Option<AppTransaction>,
     source_key_nulls: Option<bool>,
+    target: Option<DeltaTable>,
 }
 
 impl UpsertBuilder {
@@ -36,6 +38,7 @@ impl UpsertBuilder {
             partition_columns: Vec::new(),
             txn: None,
             source_key_nulls: None,
+            target: None,
         }
     }
 
@@ -64,8 +67,19 @@ impl UpsertBuilder {
         self
     }
 
-    pub async fn execute(self) -> Result<CommitMetrics> {
-        let Some(target) = table::open_table(&self.url).await? else {
+    /// The table at the URL, when the caller has it open already; otherwise it is opened
+    /// (loading its log) here.
+    pub fn with_target(mut self, table: DeltaTable) -> Self {
+        self.target = Some(table);
+        self
+    }
+
+    pub async fn execute(mut self) -> Result<CommitMetrics> {
+        let target = match self.target.take() {
+            Some(opened) => Some(opened),
+            None => table::open_table(&self.url).await?,
+        };
+        let Some(target) = target else {
             // First write: every row is an insert, and a plain write is far cheaper than a MERGE.
             return write_dataframe(
                 &self.url,

@@ -157,9 +157,9 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     bar.set_message("shaping and deduplicating");
     let url = run.pipeline.table_url("silver", &name)?;
     // A first write reads the winners once (a MERGE reads them twice), so the dedup can free
-    // each bucket as the write takes its rows.
-    let first_write = table::open_table(&url).await?.is_none();
-    let deduped = shape_and_dedup(run, spec, valid, first_write).await?;
+    // each bucket as the write takes its rows. The table opened here is the MERGE's target.
+    let target = table::open_table(&url).await?;
+    let deduped = shape_and_dedup(run, spec, valid, target.is_none()).await?;
     summary.spilled_bytes = deduped.spilled_bytes;
     tracing::debug!(
         table = name,
@@ -245,13 +245,15 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
 
     tracing::debug!(table = name, ms = elapsed_ms(started), "quarantine written");
     bar.set_message("merging");
-    let metrics = UpsertBuilder::new(url.clone(), deduped.rows, spec.key.clone())
+    let mut upsert = UpsertBuilder::new(url.clone(), deduped.rows, spec.key.clone())
         .with_source_key_nulls(deduped.has_null_key)
         .with_winner_order(winner_order(spec))
         .with_partition_columns(spec.partition_by.clone())
-        .with_transaction(run.transaction(Layer::Silver, &name, seq))
-        .execute()
-        .await?;
+        .with_transaction(run.transaction(Layer::Silver, &name, seq));
+    if let Some(opened) = target {
+        upsert = upsert.with_target(opened);
+    }
+    let metrics = upsert.execute().await?;
     state.seq = seq;
     state.watermark = Some(upper);
     state.pending = None;
