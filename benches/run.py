@@ -42,6 +42,8 @@ PRICES = {
     "emr_serverless": {"vcpu_hour": 0.052624, "gb_hour": 0.0057785},
 }
 BILLED_VCPUS = 2
+# Sail's memory pool: the 6 GiB heap benches/spark/commerce_job.py gives Spark's driver.
+SAIL_MEMORY_POOL_BYTES = 6 << 30
 
 
 def medallion_binary():
@@ -181,7 +183,12 @@ def engines(args, landing, work):
         "sail": {
             "cmd": lambda out: [venv("sail-venv"), job, landing, out, "--remote", f"sc://127.0.0.1:{sail_port}"],
             "server": {"cmd": [os.path.join(CACHE, "sail-venv", "bin", "sail"), "spark", "server", "--ip", "127.0.0.1",
-                               "--port", str(sail_port)], "port": sail_port},
+                               "--port", str(sail_port)], "port": sail_port,
+                       # Sail's memory pool is unbounded by default: at SF 10 the kernel killed it at 24 GB.
+                       # It gets a spilling pool of the heap Spark's driver gets, as a data engineer
+                       # would size it, spilling to the system's temporary directory.
+                       "env": {**os.environ, "SAIL_RUNTIME__MEMORY_POOL__TYPE": "fair",
+                               "SAIL_RUNTIME__MEMORY_POOL__FAIR__MAX_SIZE": str(SAIL_MEMORY_POOL_BYTES)}},
         },
         "duckdb": {
             "cmd": lambda out: [venv("bench-venv"), os.path.join(HERE, "duckdb", "commerce.py"), landing, out],
