@@ -6,8 +6,11 @@ builds a second lake from all 100 batches in one run (the full recompute) and ch
 gold equals the incremental lake's. Prints wall, CPU and peak RSS of each run, the
 incremental run's share of the full run, per-table times of the incremental run, and how much
 of each gold table batch 100 changed. Writes benches/results/incremental-sf<N>.json.
+`--entities events` lands only the events of batch 100 (and the full recompute likewise):
+a Kafka micro-batch, which leaves every gold model that reads no events as it was.
 
     ~/.cache/medallion/bench-venv/bin/python benches/incremental.py --scale 10
+    ~/.cache/medallion/bench-venv/bin/python benches/incremental.py --scale 10 --entities events
 """
 
 import argparse
@@ -23,11 +26,11 @@ import run as suite  # noqa: E402  (the harness beside this file: measure, gold_
 BATCHES = 100
 
 
-def land(all_batches, landing, n):
-    """Symlinks the first n batch folders of every entity into landing."""
+def land(all_batches, landing, n, entities=None):
+    """Symlinks the first n batch folders of every entity (or of `entities` only) into landing."""
     for entity in sorted(os.listdir(all_batches)):
         src = os.path.join(all_batches, entity)
-        if not os.path.isdir(src):
+        if not os.path.isdir(src) or (entities and entity not in entities):
             continue
         dst = os.path.join(landing, entity)
         os.makedirs(dst, exist_ok=True)
@@ -69,10 +72,13 @@ def main():
     ap.add_argument("--medallion-arg", action="append", default=[])
     ap.add_argument("--work", default=os.path.join(suite.CACHE, "bench"))
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--entities", default="", help=f"land only these entities of batch {BATCHES} (comma-separated; default all), "
+                    "e.g. events: a Kafka micro-batch that changes no order, customer, product or rate")
     args = ap.parse_args()
+    entities = [e for e in args.entities.split(",") if e]
 
-    tag = f"incremental-sf{args.scale:g}"
-    work = os.path.join(args.work, tag)
+    tag = f"incremental-sf{args.scale:g}" + "".join(f"-{e}" for e in entities)
+    work = os.path.join(args.work, f"incremental-sf{args.scale:g}")
     all_batches = os.path.join(work, "batches")
     suite.generate_cached(args.medallion, args.scale, BATCHES, all_batches)
     for d in ("landing", "lake", "landing-all", "lake-all"):
@@ -84,19 +90,21 @@ def main():
     print(f"full run over batches 1-{BATCHES - 1}: {full['wall_s']} s wall, {full['cpu_s']} s CPU, {full['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     before = suite.gold_rows("medallion", lake, args.medallion)
 
-    land(all_batches, landing, BATCHES)
+    land(all_batches, landing, BATCHES, entities)
     inc = run_pipeline(args, landing, lake, os.path.join(work, "incremental.log"), os.path.join(work, "incremental.json"))
     share = inc["wall_s"] / full["wall_s"]
-    print(f"incremental run over batch {BATCHES}: {inc['wall_s']} s wall, {inc['cpu_s']} s CPU, {inc['peak_rss_bytes'] / 2**30:.2f} GiB: {share:.1%} of the full run", flush=True)
+    print(f"incremental run over batch {BATCHES}{' (' + ', '.join(entities) + ' only)' if entities else ''}: {inc['wall_s']} s wall, {inc['cpu_s']} s CPU, {inc['peak_rss_bytes'] / 2**30:.2f} GiB: {share:.1%} of the full run", flush=True)
     for t in inc["tables"]:
-        print(f"  {t['layer']:6} {t['table']:18} {t['duration_ms']:>7} ms  read {t['rows_read']:>10,}  written {t['rows_written']:>10,}")
+        print(f"  {t['layer']:6} {t['table']:18} {t['duration_ms']:>7} ms  read {t['rows_read']:>10,}  written {t['rows_written']:>10,}"
+              + (f"  skipped: {t['skipped']}" if t.get("skipped") else ""))
     after = suite.gold_rows("medallion", lake, args.medallion)
     changes = changed_share(before, after)
     for t, c in changes.items():
         print(f"  batch {BATCHES} changed {c['rows_changed']:,} rows of gold.{t}: {c['key_values_affected']:,} of {c['key_values']:,} {c['key']} values")
 
     land_all, lake_all = os.path.join(work, "landing-all"), os.path.join(work, "lake-all")
-    land(all_batches, land_all, BATCHES)
+    land(all_batches, land_all, BATCHES - 1)
+    land(all_batches, land_all, BATCHES, entities)
     recompute = run_pipeline(args, land_all, lake_all, os.path.join(work, "recompute.log"), os.path.join(work, "recompute.json"))
     problems = suite.compare(after, suite.gold_rows("medallion", lake_all, args.medallion))
     print(f"full recompute over batches 1-{BATCHES}: {recompute['wall_s']} s wall; incremental gold equals it: {not problems}", flush=True)
@@ -105,7 +113,7 @@ def main():
 
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, f"{tag}.json"), "w") as f:
-        json.dump({"scale": args.scale, "batches": BATCHES, "full": full, "incremental": inc, "incremental_share": round(share, 4),
+        json.dump({"scale": args.scale, "batches": BATCHES, "last_batch_entities": entities or "all", "full": full, "incremental": inc, "incremental_share": round(share, 4),
                    "gold_changed_by_last_batch": changes, "recompute": recompute, "gold_equal": not problems, "problems": problems}, f, indent=2)
     return 1 if problems else 0
 

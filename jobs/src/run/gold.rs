@@ -1,11 +1,13 @@
-//! Gold: run each model's SQL over silver and replace its table, but only when a silver
-//! table changed since the model was last built, so a rerun on the same input writes
-//! nothing.
+//! Gold: run each model's SQL over silver and replace its table, but only when a table the
+//! model reads changed since it was last built: a rerun on the same input writes nothing, and
+//! a batch that changes only some silver tables rebuilds only the models that read them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use datafusion::common::TableReference;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::logical_expr::LogicalPlan;
 use medallion_connectors::state::{get_typed, put_typed};
 use medallion_engine::ops::OverwriteBuilder;
 use medallion_engine::table;
@@ -19,16 +21,17 @@ use crate::summary::TableSummary;
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct GoldState {
     seq: i64,
-    /// Versions of the silver tables the last build read.
+    /// Delta versions of the lake tables the last build read, by `layer.table`. (Builds
+    /// before models tracked their own inputs recorded every silver table, unqualified:
+    /// such a state never matches, so the first build after an upgrade runs once more.)
     inputs: BTreeMap<String, u64>,
 }
 
 pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Result<(), JobError> {
     run.register_tables().await?;
-    let inputs = silver_versions(run).await?;
     for spec in &run.pipeline.spec.gold {
         let name = spec.table.get_ref().clone();
-        if let Some(summary) = run_model(run, spec, &inputs)
+        if let Some(summary) = run_model(run, spec)
             .await
             .map_err(|e| e.in_table("gold", &name))?
         {
@@ -38,12 +41,40 @@ pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Re
     Ok(())
 }
 
-async fn silver_versions(run: &RunContext<'_>) -> Result<BTreeMap<String, u64>, JobError> {
+/// The lake tables (`layer.table`) that `plan` scans, looking through the views it reads and
+/// into its subqueries.
+fn tables_read(plan: &LogicalPlan) -> BTreeSet<String> {
+    fn walk(plan: &LogicalPlan, into: &mut BTreeSet<String>) {
+        // The closure never fails; a walk of a plan cannot either.
+        let _ = plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                match scan.source.get_logical_plan() {
+                    Some(view) => walk(&view, into),
+                    None => {
+                        into.insert(scan.table_name.to_string());
+                    }
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+    }
+    let mut tables = BTreeSet::new();
+    walk(plan, &mut tables);
+    tables
+}
+
+/// The Delta version of each of `tables` (`layer.table`) that exists in the lake.
+async fn versions_of(
+    run: &RunContext<'_>,
+    tables: &BTreeSet<String>,
+) -> Result<BTreeMap<String, u64>, JobError> {
     let mut versions = BTreeMap::new();
-    for s in &run.pipeline.spec.silver {
-        let name = s.table.get_ref();
-        if let Some(t) = table::open_table(&run.pipeline.table_url("silver", name)?).await? {
-            versions.insert(name.clone(), table::version(&t).unwrap_or(0));
+    for qualified in tables {
+        let Some((layer, name)) = qualified.split_once('.') else {
+            continue;
+        };
+        if let Some(t) = table::open_table(&run.pipeline.table_url(layer, name)?).await? {
+            versions.insert(qualified.clone(), table::version(&t).unwrap_or(0));
         }
     }
     Ok(versions)
@@ -52,7 +83,6 @@ async fn silver_versions(run: &RunContext<'_>) -> Result<BTreeMap<String, u64>, 
 async fn run_model(
     run: &RunContext<'_>,
     spec: &GoldSpec,
-    inputs: &BTreeMap<String, u64>,
 ) -> Result<Option<TableSummary>, JobError> {
     let started = Instant::now();
     let name = spec.table.get_ref().clone();
@@ -72,8 +102,13 @@ async fn run_model(
     let key = run.state_key(Layer::Gold, &name);
     let (mut state, version) = get_typed::<GoldState>(run.state(), &key).await?;
     let existing = table::open_table(&url).await?;
-    if existing.is_some() && state.inputs == *inputs {
-        summary.skipped = Some("silver unchanged since last build".into());
+    let read = tables_read(df.logical_plan());
+    let inputs = versions_of(run, &read).await?;
+    if existing.is_some() && state.inputs == inputs {
+        summary.skipped = Some(format!(
+            "unchanged since last build: {}",
+            read.into_iter().collect::<Vec<_>>().join(", ")
+        ));
         summary.delta_version = existing.as_ref().and_then(table::version);
         summary.duration_ms = elapsed_ms(started);
         return Ok(Some(summary));
@@ -88,7 +123,7 @@ async fn run_model(
         .execute()
         .await?;
     state.seq = seq;
-    state.inputs = inputs.clone();
+    state.inputs = inputs;
     put_typed(run.state(), &key, &state, version).await?;
     bar.finish_and_clear();
     if let Some(t) = table::open_table(&url).await? {
