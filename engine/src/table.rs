@@ -1,5 +1,7 @@
 //! Opening Delta tables and showing them to DataFusion under `<layer>.<table>`.
 
+use std::collections::{BTreeSet, HashMap};
+
 use datafusion::common::TableReference;
 use datafusion::prelude::SessionContext;
 use deltalake::{DeltaTable, DeltaTableBuilder};
@@ -59,6 +61,59 @@ pub(crate) fn ensure_location(url: &Url) -> Result<()> {
 /// The loaded version of `table`, if it has one.
 pub fn version(table: &DeltaTable) -> Option<u64> {
     table.version()
+}
+
+/// The values of partition column `column` (a null partition as `None`) of every data file
+/// that was added or removed between version `since` of `table` and its loaded version: the
+/// partitions whose rows may differ. `None` when version `since` can no longer be loaded
+/// (its log was cleaned up) or is not older than the loaded one.
+pub async fn partitions_changed_since(
+    table: &DeltaTable,
+    since: u64,
+    column: &str,
+) -> Result<Option<BTreeSet<Option<String>>>> {
+    if table.version().is_none_or(|now| since >= now) {
+        return Ok(None);
+    }
+    let mut before = table.clone();
+    if before.load_version(since).await.is_err() {
+        return Ok(None);
+    }
+    let files = |t: &DeltaTable| -> HashMap<String, Option<String>> {
+        t.snapshot().map_or_else(
+            |_| HashMap::new(),
+            |s| {
+                s.log_data()
+                    .iter()
+                    .map(|f| {
+                        let value = f.partition_values_map().remove(column).flatten();
+                        (f.path().into_owned(), value)
+                    })
+                    .collect()
+            },
+        )
+    };
+    let (old, new) = (files(&before), files(table));
+    let mut changed = BTreeSet::new();
+    for (path, value) in old.iter().chain(new.iter()) {
+        if old.contains_key(path) != new.contains_key(path) {
+            changed.insert(value.clone());
+        }
+    }
+    Ok(Some(changed))
+}
+
+/// Rows, from the Delta log's per-file statistics, in the files of the loaded version of
+/// `table` whose partition column `column` holds one of `values`.
+pub fn rows_in_partitions(table: &DeltaTable, column: &str, values: &BTreeSet<Option<String>>) -> u64 {
+    table.snapshot().map_or(0, |s| {
+        s.log_data()
+            .iter()
+            .filter(|f| values.contains(&f.partition_values_map().remove(column).flatten()))
+            .filter_map(|f| f.num_records())
+            .map(|n| n as u64)
+            .sum()
+    })
 }
 
 /// Bytes and count of the data files in the loaded version of `table`.

@@ -212,6 +212,22 @@ pub struct GoldSpec {
     pub kind: GoldKind,
     #[serde(default)]
     pub partition_by: Vec<String>,
+    /// Rebuild only the partitions that a change of one silver table touched.
+    #[serde(default)]
+    pub rebuild_by: Option<RebuildBy>,
+}
+
+/// A gold table whose partition `column = v` is computed from the rows of `from` with
+/// `column = v` alone (and from other tables read whole). When `from` is the only input that
+/// changed since the last build, the rebuild replaces just the partitions of the files
+/// `from` added or removed since; any other change rebuilds the whole table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildBy {
+    /// A partition column of both the gold table and `from`.
+    pub column: String,
+    /// The silver table, as `silver.<table>`.
+    pub from: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

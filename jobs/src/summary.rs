@@ -27,6 +27,9 @@ pub struct TableSummary {
     /// Bytes written to local spill files because the memory limit was reached.
     #[serde(skip_serializing_if = "is_zero")]
     pub spilled_bytes: u64,
+    /// Partitions a gold model rebuilt when it rebuilt only those its changed input touched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions_rebuilt: Option<u64>,
     /// Why nothing was written, when nothing was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,

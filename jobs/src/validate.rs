@@ -300,6 +300,30 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                 ),
             );
         }
+        if let Some(r) = &g.rebuild_by {
+            let from = r
+                .from
+                .strip_prefix("silver.")
+                .and_then(|t| spec.silver.iter().find(|s| s.table.get_ref() == t));
+            if g.kind != GoldKind::Table || !g.partition_by.contains(&r.column) {
+                c.at(
+                    at,
+                    format!(
+                        "gold table '{name}': rebuild_by column '{}' must be one of its partition_by columns",
+                        r.column
+                    ),
+                );
+            }
+            if !from.is_some_and(|s| s.partition_by.contains(&r.column)) {
+                c.at(
+                    at,
+                    format!(
+                        "gold table '{name}': rebuild_by from '{}' must name a silver table (silver.<table>) partitioned by '{}'",
+                        r.from, r.column
+                    ),
+                );
+            }
+        }
         match g.kind {
             GoldKind::View => {
                 let reference = TableReference::partial("gold", name.as_str());

@@ -82,13 +82,16 @@ async fn incremental_equals_full_and_reruns_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_of_events_alone_rebuilds_only_the_gold_models_that_read_events() {
-    let source = generated(2);
+async fn a_batch_of_events_alone_rebuilds_only_the_gold_models_and_dates_that_read_them() {
+    let source = generated(10);
     let lake = Scratch::new();
-    land_batch(&source.landing(), &lake.landing(), "batch-0001");
+    for b in 1..=9 {
+        land_batch(&source.landing(), &lake.landing(), &format!("batch-{b:04}"));
+    }
     run_all_ok(&lake.landing(), &lake.lake()).await;
-    // A Kafka micro-batch: new events, no orders, customers, products or rates.
-    let events = std::path::Path::new("events").join("batch-0002");
+    // A Kafka micro-batch: new events (of the last 9 of 90 days, and some late ones of the
+    // 9 before), no orders, customers, products or rates.
+    let events = std::path::Path::new("events").join("batch-0010");
     std::fs::create_dir_all(lake.landing().join(&events)).expect("mkdir");
     copy_tree(&source.landing().join(&events), &lake.landing().join(&events));
     let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
@@ -117,6 +120,14 @@ async fn a_batch_of_events_alone_rebuilds_only_the_gold_models_that_read_events(
             t.skipped
         );
     }
+    // daily_engagement (rebuild_by event_date from silver.events) rebuilt the dates of the
+    // batch's events alone; customer_360 has no such scope and was rebuilt whole.
+    let rebuilt = gold("daily_engagement").partitions_rebuilt;
+    assert!(
+        rebuilt.is_some_and(|n| (9..=18).contains(&n)),
+        "daily_engagement rebuilt {rebuilt:?} date partitions"
+    );
+    assert_eq!(gold("customer_360").partitions_rebuilt, None);
 
     // What was kept equals a build from scratch over the same landing.
     let fresh = Scratch::new();

@@ -1,4 +1,5 @@
-//! Replace a table's content with a query result in one Delta version.
+//! Replace a table's content, or the rows of some of its partitions, with a query result in
+//! one Delta version.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ pub struct OverwriteBuilder {
     url: Url,
     source: DataFrame,
     partition_columns: Vec<String>,
+    replace_where: Option<String>,
     txn: Option<AppTransaction>,
 }
 
@@ -26,8 +28,16 @@ impl OverwriteBuilder {
             url,
             source,
             partition_columns: Vec::new(),
+            replace_where: None,
             txn: None,
         }
+    }
+
+    /// Replaces only the rows matching `predicate` (SQL over the table's columns; Delta's
+    /// `replaceWhere`), every one of which the source must match; the rest of the table stays.
+    pub fn with_replace_where(mut self, predicate: impl Into<String>) -> Self {
+        self.replace_where = Some(predicate.into());
+        self
     }
 
     pub fn with_partition_columns(
@@ -56,6 +66,7 @@ impl OverwriteBuilder {
             self.source,
             SaveMode::Overwrite,
             &self.partition_columns,
+            self.replace_where.as_deref(),
             self.txn.as_ref(),
         )
         .await
@@ -69,6 +80,7 @@ pub(crate) async fn write_dataframe(
     source: DataFrame,
     mode: SaveMode,
     partition_columns: &[String],
+    replace_where: Option<&str>,
     txn: Option<&AppTransaction>,
 ) -> Result<CommitMetrics> {
     let table = match existing {
@@ -95,6 +107,9 @@ pub(crate) async fn write_dataframe(
         .with_commit_properties(AppTransaction::commit_properties(txn));
     if !partition_columns.is_empty() {
         builder = builder.with_partition_columns(partition_columns.to_vec());
+    }
+    if let Some(predicate) = replace_where {
+        builder = builder.with_replace_where(predicate.to_string());
     }
     let table = builder.await.map_err(|e| EngineError::delta(url, e))?;
     let (bytes, files) = table::data_files(&table);

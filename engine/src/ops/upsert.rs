@@ -87,6 +87,7 @@ impl UpsertBuilder {
                 self.source,
                 SaveMode::Append,
                 &self.partition_columns,
+                None,
                 self.txn.as_ref(),
             )
             .await;
