@@ -105,7 +105,11 @@ pub async fn partitions_changed_since(
 
 /// Rows, from the Delta log's per-file statistics, in the files of the loaded version of
 /// `table` whose partition column `column` holds one of `values`.
-pub fn rows_in_partitions(table: &DeltaTable, column: &str, values: &BTreeSet<Option<String>>) -> u64 {
+pub fn rows_in_partitions(
+    table: &DeltaTable,
+    column: &str,
+    values: &BTreeSet<Option<String>>,
+) -> u64 {
     table.snapshot().map_or(0, |s| {
         s.log_data()
             .iter()

@@ -93,7 +93,10 @@ async fn a_batch_of_events_alone_rebuilds_only_the_gold_models_and_dates_that_re
     // 9 before), no orders, customers, products or rates.
     let events = std::path::Path::new("events").join("batch-0010");
     std::fs::create_dir_all(lake.landing().join(&events)).expect("mkdir");
-    copy_tree(&source.landing().join(&events), &lake.landing().join(&events));
+    copy_tree(
+        &source.landing().join(&events),
+        &lake.landing().join(&events),
+    );
     let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
 
     let gold = |table: &str| {
@@ -108,10 +111,18 @@ async fn a_batch_of_events_alone_rebuilds_only_the_gold_models_and_dates_that_re
     let sales = gold("daily_sales");
     assert_eq!(sales.rows_written, 0, "daily_sales was rebuilt");
     let why = sales.skipped.as_deref().unwrap_or_default();
-    for input in ["silver.orders", "silver.fx_rates", "silver.customers", "silver.products"] {
+    for input in [
+        "silver.orders",
+        "silver.fx_rates",
+        "silver.customers",
+        "silver.products",
+    ] {
         assert!(why.contains(input), "daily_sales skipped for: {why}");
     }
-    assert!(!why.contains("silver.events"), "daily_sales skipped for: {why}");
+    assert!(
+        !why.contains("silver.events"),
+        "daily_sales skipped for: {why}"
+    );
     for table in ["customer_360", "daily_engagement"] {
         let t = gold(table);
         assert!(

@@ -158,3 +158,28 @@ fn an_unknown_column_in_sql_is_reported_with_its_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_rebuild_by_that_cannot_scope_the_rebuild_is_reported() {
+    let s = broken_pipeline(|d| {
+        replace(
+            &d.join("pipeline.toml"),
+            "rebuild_by = { column = \"event_date\", from = \"silver.events\" }",
+            "rebuild_by = { column = \"event_type\", from = \"silver.customers\" }",
+        )
+    });
+    let (code, stderr) = validate(s.dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "gold table 'daily_engagement': rebuild_by column 'event_type' must be one of its partition_by columns"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "gold table 'daily_engagement': rebuild_by from 'silver.customers' must name a silver table (silver.<table>) partitioned by 'event_type'"
+        ),
+        "{stderr}"
+    );
+}

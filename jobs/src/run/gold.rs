@@ -9,8 +9,8 @@ use datafusion::common::TableReference;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::logical_expr::LogicalPlan;
 use medallion_connectors::state::{get_typed, put_typed};
-use medallion_engine::ops::OverwriteBuilder;
 use medallion_engine::deltalake::DeltaTable;
+use medallion_engine::ops::OverwriteBuilder;
 use medallion_engine::table;
 use serde::{Deserialize, Serialize};
 
