@@ -103,6 +103,20 @@ pub async fn partitions_changed_since(
     Ok(Some(changed))
 }
 
+/// The values of partition column `column` (a null partition as `None`) across the data
+/// files of the loaded version of `table`.
+pub fn partition_values(table: &DeltaTable, column: &str) -> BTreeSet<Option<String>> {
+    table.snapshot().map_or_else(
+        |_| BTreeSet::new(),
+        |s| {
+            s.log_data()
+                .iter()
+                .map(|f| f.partition_values_map().remove(column).flatten())
+                .collect()
+        },
+    )
+}
+
 /// Rows, from the Delta log's per-file statistics, in the files of the loaded version of
 /// `table` whose partition column `column` holds one of `values`.
 pub fn rows_in_partitions(

@@ -115,15 +115,7 @@ async fn partitions_to_rebuild(
         return Ok(None);
     };
     // Past half of the table, one pass over everything costs less than a filtered one.
-    let partitions: BTreeSet<Option<String>> = built.snapshot().map_or_else(
-        |_| BTreeSet::new(),
-        |s| {
-            s.log_data()
-                .iter()
-                .map(|f| f.partition_values_map().remove(column).flatten())
-                .collect()
-        },
-    );
+    let partitions = table::partition_values(built, column);
     Ok((changed.len() * 2 <= partitions.len()).then(|| (column.clone(), changed)))
 }
 
