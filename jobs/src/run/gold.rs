@@ -30,9 +30,10 @@ struct GoldState {
 
 pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Result<(), JobError> {
     run.register_tables().await?;
+    let mut known = BTreeMap::new();
     for spec in &run.pipeline.spec.gold {
         let name = spec.table.get_ref().clone();
-        if let Some(summary) = run_model(run, spec)
+        if let Some(summary) = run_model(run, spec, &mut known)
             .await
             .map_err(|e| e.in_table("gold", &name))?
         {
@@ -64,18 +65,32 @@ fn tables_read(plan: &LogicalPlan) -> BTreeSet<String> {
     tables
 }
 
-/// The Delta version of each of `tables` (`layer.table`) that exists in the lake.
+/// The Delta version of each of `tables` (`layer.table`) that exists in the lake. Versions
+/// of tables outside gold, which no model writes, are looked up once a run, in `known`.
 async fn versions_of(
     run: &RunContext<'_>,
     tables: &BTreeSet<String>,
+    known: &mut BTreeMap<String, Option<u64>>,
 ) -> Result<BTreeMap<String, u64>, JobError> {
     let mut versions = BTreeMap::new();
     for qualified in tables {
         let Some((layer, name)) = qualified.split_once('.') else {
             continue;
         };
-        if let Some(t) = table::open_table(&run.pipeline.table_url(layer, name)?).await? {
-            versions.insert(qualified.clone(), table::version(&t).unwrap_or(0));
+        let version = match known.get(qualified) {
+            Some(v) => *v,
+            None => {
+                let v = table::open_table(&run.pipeline.table_url(layer, name)?)
+                    .await?
+                    .map(|t| table::version(&t).unwrap_or(0));
+                if layer != Layer::Gold.as_str() {
+                    known.insert(qualified.clone(), v);
+                }
+                v
+            }
+        };
+        if let Some(v) = version {
+            versions.insert(qualified.clone(), v);
         }
     }
     Ok(versions)
@@ -140,6 +155,7 @@ fn partition_predicate(column: &str, values: &BTreeSet<Option<String>>) -> Strin
 async fn run_model(
     run: &RunContext<'_>,
     spec: &GoldSpec,
+    known: &mut BTreeMap<String, Option<u64>>,
 ) -> Result<Option<TableSummary>, JobError> {
     let started = Instant::now();
     let name = spec.table.get_ref().clone();
@@ -160,7 +176,7 @@ async fn run_model(
     let (mut state, version) = get_typed::<GoldState>(run.state(), &key).await?;
     let existing = table::open_table(&url).await?;
     let read = tables_read(df.logical_plan());
-    let inputs = versions_of(run, &read).await?;
+    let inputs = versions_of(run, &read, known).await?;
     if existing.is_some() && state.inputs == inputs {
         summary.skipped = Some(format!(
             "unchanged since last build: {}",
