@@ -63,6 +63,24 @@ pub fn version(table: &DeltaTable) -> Option<u64> {
     table.version()
 }
 
+/// Each data file of the loaded version of `table`: its path, its value of partition column
+/// `column` (a null partition as `None`) and its rows from the log's statistics.
+fn files_in_partitions(table: &DeltaTable, column: &str) -> Vec<(String, Option<String>, u64)> {
+    table.snapshot().map_or_else(
+        |_| Vec::new(),
+        |s| {
+            s.log_data()
+                .iter()
+                .map(|f| {
+                    let value = f.partition_values_map().remove(column).flatten();
+                    let rows = f.num_records().map_or(0, |n| n as u64);
+                    (f.path().into_owned(), value, rows)
+                })
+                .collect()
+        },
+    )
+}
+
 /// The values of partition column `column` (a null partition as `None`) of every data file
 /// that was added or removed between version `since` of `table` and its loaded version: the
 /// partitions whose rows may differ. `None` when version `since` can no longer be loaded
@@ -79,21 +97,13 @@ pub async fn partitions_changed_since(
     if before.load_version(since).await.is_err() {
         return Ok(None);
     }
-    let files = |t: &DeltaTable| -> HashMap<String, Option<String>> {
-        t.snapshot().map_or_else(
-            |_| HashMap::new(),
-            |s| {
-                s.log_data()
-                    .iter()
-                    .map(|f| {
-                        let value = f.partition_values_map().remove(column).flatten();
-                        (f.path().into_owned(), value)
-                    })
-                    .collect()
-            },
-        )
+    let by_path = |t: &DeltaTable| -> HashMap<String, Option<String>> {
+        files_in_partitions(t, column)
+            .into_iter()
+            .map(|(path, value, _)| (path, value))
+            .collect()
     };
-    let (old, new) = (files(&before), files(table));
+    let (old, new) = (by_path(&before), by_path(table));
     let mut changed = BTreeSet::new();
     for (path, value) in old.iter().chain(new.iter()) {
         if old.contains_key(path) != new.contains_key(path) {
@@ -106,15 +116,10 @@ pub async fn partitions_changed_since(
 /// The values of partition column `column` (a null partition as `None`) across the data
 /// files of the loaded version of `table`.
 pub fn partition_values(table: &DeltaTable, column: &str) -> BTreeSet<Option<String>> {
-    table.snapshot().map_or_else(
-        |_| BTreeSet::new(),
-        |s| {
-            s.log_data()
-                .iter()
-                .map(|f| f.partition_values_map().remove(column).flatten())
-                .collect()
-        },
-    )
+    files_in_partitions(table, column)
+        .into_iter()
+        .map(|(_, value, _)| value)
+        .collect()
 }
 
 /// Rows, from the Delta log's per-file statistics, in the files of the loaded version of
@@ -124,14 +129,11 @@ pub fn rows_in_partitions(
     column: &str,
     values: &BTreeSet<Option<String>>,
 ) -> u64 {
-    table.snapshot().map_or(0, |s| {
-        s.log_data()
-            .iter()
-            .filter(|f| values.contains(&f.partition_values_map().remove(column).flatten()))
-            .filter_map(|f| f.num_records())
-            .map(|n| n as u64)
-            .sum()
-    })
+    files_in_partitions(table, column)
+        .into_iter()
+        .filter(|(_, value, _)| values.contains(value))
+        .map(|(_, _, rows)| rows)
+        .sum()
 }
 
 /// Bytes and count of the data files in the loaded version of `table`.

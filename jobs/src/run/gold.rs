@@ -30,10 +30,10 @@ struct GoldState {
 
 pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Result<(), JobError> {
     run.register_tables().await?;
-    let mut known = BTreeMap::new();
+    let mut opened = BTreeMap::new();
     for spec in &run.pipeline.spec.gold {
         let name = spec.table.get_ref().clone();
-        if let Some(summary) = run_model(run, spec, &mut known)
+        if let Some(summary) = run_model(run, spec, &mut opened)
             .await
             .map_err(|e| e.in_table("gold", &name))?
         {
@@ -65,26 +65,26 @@ fn tables_read(plan: &LogicalPlan) -> BTreeSet<String> {
     tables
 }
 
-/// The Delta version of each of `tables` (`layer.table`) that exists in the lake. Versions
-/// of tables outside gold, which no model writes, are looked up once a run, in `known`.
+/// The Delta version of each of `tables` (`layer.table`) that exists in the lake. Tables
+/// outside gold, which no model writes, are opened once a run and kept in `opened`.
 async fn versions_of(
     run: &RunContext<'_>,
     tables: &BTreeSet<String>,
-    known: &mut BTreeMap<String, Option<u64>>,
+    opened: &mut BTreeMap<String, Option<DeltaTable>>,
 ) -> Result<BTreeMap<String, u64>, JobError> {
+    let version_of = |t: &Option<DeltaTable>| t.as_ref().map(|t| table::version(t).unwrap_or(0));
     let mut versions = BTreeMap::new();
     for qualified in tables {
         let Some((layer, name)) = qualified.split_once('.') else {
             continue;
         };
-        let version = match known.get(qualified) {
-            Some(v) => *v,
+        let version = match opened.get(qualified) {
+            Some(t) => version_of(t),
             None => {
-                let v = table::open_table(&run.pipeline.table_url(layer, name)?)
-                    .await?
-                    .map(|t| table::version(&t).unwrap_or(0));
+                let t = table::open_table(&run.pipeline.table_url(layer, name)?).await?;
+                let v = version_of(&t);
                 if layer != Layer::Gold.as_str() {
-                    known.insert(qualified.clone(), v);
+                    opened.insert(qualified.clone(), t);
                 }
                 v
             }
@@ -100,11 +100,11 @@ async fn versions_of(
 /// `rebuild_by` input is the only one that changed since `built_from` and it changed few of
 /// them; `None` to rebuild the whole table.
 async fn partitions_to_rebuild(
-    run: &RunContext<'_>,
     rebuild_by: &RebuildBy,
     built: &DeltaTable,
     built_from: &BTreeMap<String, u64>,
     now: &BTreeMap<String, u64>,
+    opened: &BTreeMap<String, Option<DeltaTable>>,
 ) -> Result<Option<(String, BTreeSet<Option<String>>)>, JobError> {
     let column = &rebuild_by.column;
     let others_unchanged = built_from.len() == now.len()
@@ -114,19 +114,17 @@ async fn partitions_to_rebuild(
     let partitioned = built
         .snapshot()
         .is_ok_and(|s| s.metadata().partition_columns().contains(column));
-    let (Some(since), Some((layer, from))) = (
+    // The source as its version in `now` was read: the model reads it, so it is open.
+    let (Some(since), Some(Some(source))) = (
         built_from.get(&rebuild_by.from),
-        rebuild_by.from.split_once('.'),
+        opened.get(&rebuild_by.from),
     ) else {
         return Ok(None);
     };
     if !others_unchanged || !partitioned {
         return Ok(None);
     }
-    let Some(source) = table::open_table(&run.pipeline.table_url(layer, from)?).await? else {
-        return Ok(None);
-    };
-    let Some(changed) = table::partitions_changed_since(&source, *since, column).await? else {
+    let Some(changed) = table::partitions_changed_since(source, *since, column).await? else {
         return Ok(None);
     };
     // Past half of the table, one pass over everything costs less than a filtered one.
@@ -155,7 +153,7 @@ fn partition_predicate(column: &str, values: &BTreeSet<Option<String>>) -> Strin
 async fn run_model(
     run: &RunContext<'_>,
     spec: &GoldSpec,
-    known: &mut BTreeMap<String, Option<u64>>,
+    opened: &mut BTreeMap<String, Option<DeltaTable>>,
 ) -> Result<Option<TableSummary>, JobError> {
     let started = Instant::now();
     let name = spec.table.get_ref().clone();
@@ -176,7 +174,7 @@ async fn run_model(
     let (mut state, version) = get_typed::<GoldState>(run.state(), &key).await?;
     let existing = table::open_table(&url).await?;
     let read = tables_read(df.logical_plan());
-    let inputs = versions_of(run, &read, known).await?;
+    let inputs = versions_of(run, &read, opened).await?;
     if existing.is_some() && state.inputs == inputs {
         summary.skipped = Some(format!(
             "unchanged since last build: {}",
@@ -188,7 +186,7 @@ async fn run_model(
     }
     let scope = match (&spec.rebuild_by, &existing) {
         (Some(rebuild_by), Some(built)) => {
-            partitions_to_rebuild(run, rebuild_by, built, &state.inputs, &inputs).await?
+            partitions_to_rebuild(rebuild_by, built, &state.inputs, &inputs, opened).await?
         }
         _ => None,
     };
@@ -198,7 +196,7 @@ async fn run_model(
         // The input's new version changed no file (a commit of metadata alone).
         state.inputs = inputs;
         put_typed(run.state(), &key, &state, version).await?;
-        summary.skipped = Some(format!("no partition of its {column} changed"));
+        summary.skipped = Some(format!("no {column} partition of its input changed"));
         summary.delta_version = existing.as_ref().and_then(table::version);
         summary.duration_ms = elapsed_ms(started);
         return Ok(Some(summary));
