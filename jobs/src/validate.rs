@@ -305,7 +305,12 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                 .from
                 .strip_prefix("silver.")
                 .and_then(|t| spec.silver.iter().find(|s| s.table.get_ref() == t));
-            if g.kind != GoldKind::Table || !g.partition_by.contains(&r.column) {
+            if g.kind != GoldKind::Table {
+                c.at(
+                    at,
+                    format!("gold view '{name}': rebuild_by applies to tables, and a view is never written"),
+                );
+            } else if !g.partition_by.contains(&r.column) {
                 c.at(
                     at,
                     format!(
