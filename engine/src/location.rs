@@ -177,15 +177,23 @@ fn unreachable_hint(url: &Url, error: &object_store::Error) -> (String, bool) {
             ),
             false,
         )
-    } else if [
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "AccessDenied",
-        "403",
-        "Forbidden",
-    ]
-    .iter()
-    .any(|code| text.contains(code))
+    } else if matches!(
+        error,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) || text
+        // Whole words only: a bare "403" also turns up inside the request's timing
+        // ("in 100.974036ms"), which once made an unreachable endpoint read as a refusal.
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|word| {
+            [
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "AccessDenied",
+                "403",
+                "Forbidden",
+            ]
+            .contains(&word)
+        })
     {
         (
             format!(
@@ -213,5 +221,42 @@ fn unreachable_hint(url: &Url, error: &object_store::Error) -> (String, bool) {
             format!("the first request to bucket '{bucket}' at {endpoint} failed"),
             true,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hint_for(message: &str) -> String {
+        let url = Url::parse("s3://bucket/lake/").unwrap();
+        let error = object_store::Error::Generic {
+            store: "S3",
+            source: message.to_string().into(),
+        };
+        unreachable_hint(&url, &error).0
+    }
+
+    #[test]
+    fn a_refused_connection_is_not_read_as_refused_credentials_from_its_timing() {
+        let hint = hint_for(
+            "Error performing GET http://127.0.0.1:9/bucket in 100.974036ms, after 1 retries \
+             - HTTP error: error sending request",
+        );
+        assert!(hint.starts_with("cannot reach"), "{hint}");
+    }
+
+    #[test]
+    fn a_403_or_an_s3_credentials_code_is_read_as_refused_credentials() {
+        for message in [
+            "Client error with status 403 Forbidden: <Error></Error>",
+            "<Code>InvalidAccessKeyId</Code>",
+            "<Code>SignatureDoesNotMatch</Code>",
+        ] {
+            assert!(
+                hint_for(message).contains("refused the credentials"),
+                "{message}"
+            );
+        }
     }
 }
