@@ -2,8 +2,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use datafusion::arrow::array::RecordBatch;
 use datafusion::common::TableReference;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext};
 use deltalake::{DeltaTable, DeltaTableBuilder};
 use url::Url;
 
@@ -81,6 +82,35 @@ fn files_in_partitions(table: &DeltaTable, column: &str) -> Vec<(String, Option<
     )
 }
 
+/// The data files (path, value of partition column `column`) that were removed and added
+/// between version `since` of `table` and its loaded version. `None` when version `since`
+/// can no longer be loaded (its log was cleaned up) or is not older than the loaded one.
+async fn files_changed_since(
+    table: &DeltaTable,
+    since: u64,
+    column: &str,
+) -> Option<[Vec<(String, Option<String>)>; 2]> {
+    if table.version().is_none_or(|now| since >= now) {
+        return None;
+    }
+    let mut before = table.clone();
+    before.load_version(since).await.ok()?;
+    let by_path = |t: &DeltaTable| -> HashMap<String, Option<String>> {
+        files_in_partitions(t, column)
+            .into_iter()
+            .map(|(path, value, _)| (path, value))
+            .collect()
+    };
+    let (old, new) = (by_path(&before), by_path(table));
+    let only_in = |a: &HashMap<String, Option<String>>, b: &HashMap<String, Option<String>>| {
+        a.iter()
+            .filter(|(path, _)| !b.contains_key(*path))
+            .map(|(path, value)| (path.clone(), value.clone()))
+            .collect()
+    };
+    Some([only_in(&old, &new), only_in(&new, &old)])
+}
+
 /// The values of partition column `column` (a null partition as `None`) of every data file
 /// that was added or removed between version `since` of `table` and its loaded version: the
 /// partitions whose rows may differ. `None` when version `since` can no longer be loaded
@@ -90,27 +120,72 @@ pub async fn partitions_changed_since(
     since: u64,
     column: &str,
 ) -> Result<Option<BTreeSet<Option<String>>>> {
-    if table.version().is_none_or(|now| since >= now) {
+    Ok(files_changed_since(table, since, column)
+        .await
+        .map(|[removed, added]| {
+            removed
+                .into_iter()
+                .chain(added)
+                .map(|(_, value)| value)
+                .collect()
+        }))
+}
+
+/// The distinct values of data column `column` over the rows that differ between version
+/// `since` of `table` and its loaded version: the rows of the files added since that no
+/// removed file holds, and the other way round. A MERGE rewrites whole files, so this reads
+/// the files it rewrote, not the table. One column named `column`; no rows when no data
+/// file changed. `None` when version `since` can no longer be loaded or is not older.
+pub async fn values_changed_since(
+    ctx: &SessionContext,
+    table: &DeltaTable,
+    since: u64,
+    column: &str,
+) -> Result<Option<Vec<RecordBatch>>> {
+    let Some([removed, added]) = files_changed_since(table, since, "").await else {
         return Ok(None);
-    }
-    let mut before = table.clone();
-    if before.load_version(since).await.is_err() {
-        return Ok(None);
-    }
-    let by_path = |t: &DeltaTable| -> HashMap<String, Option<String>> {
-        files_in_partitions(t, column)
-            .into_iter()
-            .map(|(path, value, _)| (path, value))
-            .collect()
     };
-    let (old, new) = (by_path(&before), by_path(table));
-    let mut changed = BTreeSet::new();
-    for (path, value) in old.iter().chain(new.iter()) {
-        if old.contains_key(path) != new.contains_key(path) {
-            changed.insert(value.clone());
-        }
+    // The files are read by URL, outside the table's own provider: the session needs the
+    // table's store under the URL's scheme and bucket.
+    let mut root = table.table_url().clone();
+    if !root.path().ends_with('/') {
+        root.set_path(&format!("{}/", root.path()));
     }
-    Ok(Some(changed))
+    let (store, _) = crate::location::object_store_for(&root)?;
+    let mut base = root.clone();
+    base.set_path("/");
+    ctx.register_object_store(&base, store);
+    let read = async |files: &[(String, Option<String>)]| -> Result<Option<DataFrame>> {
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let urls = files
+            .iter()
+            .map(|(path, _)| {
+                root.join(path)
+                    .map(|u| u.to_string())
+                    .map_err(|e| EngineError::InvalidLocation {
+                        location: path.clone(),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(
+            ctx.read_parquet(urls, ParquetReadOptions::default())
+                .await?,
+        ))
+    };
+    let differing = match (read(&removed).await?, read(&added).await?) {
+        (None, None) => return Ok(Some(Vec::new())),
+        (Some(only), None) | (None, Some(only)) => only,
+        (Some(old), Some(new)) => new.clone().except(old.clone())?.union(old.except(new)?)?,
+    };
+    let values = differing
+        .select_columns(&[column])?
+        .distinct()?
+        .collect()
+        .await?;
+    Ok(Some(values))
 }
 
 /// The values of partition column `column` (a null partition as `None`) across the data
@@ -132,6 +207,14 @@ pub fn rows_in_partitions(
     files_in_partitions(table, column)
         .into_iter()
         .filter(|(_, value, _)| values.contains(value))
+        .map(|(_, _, rows)| rows)
+        .sum()
+}
+
+/// Rows of the loaded version of `table`, from the Delta log's per-file statistics.
+pub fn row_count(table: &DeltaTable) -> u64 {
+    files_in_partitions(table, "")
+        .into_iter()
         .map(|(_, _, rows)| rows)
         .sum()
 }

@@ -212,22 +212,41 @@ pub struct GoldSpec {
     pub kind: GoldKind,
     #[serde(default)]
     pub partition_by: Vec<String>,
-    /// Rebuild only the partitions that a change of one silver table touched.
+    /// Rebuild only the rows that a change of some silver tables can touch.
     #[serde(default)]
     pub rebuild_by: Option<RebuildBy>,
 }
 
-/// A gold table whose partition `column = v` is computed from the rows of `from` with
-/// `column = v` alone (and from other tables read whole). When `from` is the only input that
-/// changed since the last build, the rebuild replaces just the partitions of the files
-/// `from` added or removed since; any other change rebuilds the whole table.
+/// A gold table whose rows with `column = v` are computed from the rows of the `from` tables
+/// with `column = v` alone (and from other tables read whole). When only `from` tables
+/// changed since the last build, only the values of `column` they changed are recomputed:
+/// - a partition column of the gold table (and of each `from`): the partitions of the files
+///   they added or removed are replaced (Delta `replaceWhere`);
+/// - any other column (a key such as a customer id): the values held by the rows that
+///   differ in the files they rewrote; the model runs over the `from` rows with those
+///   values alone, and the table keeps its rows of every other value.
+///
+/// Any other change, or one that touches more than half the table, rebuilds it whole.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RebuildBy {
-    /// A partition column of both the gold table and `from`.
     pub column: String,
-    /// The silver table, as `silver.<table>`.
-    pub from: String,
+    /// The silver tables, as `silver.<table>`: one, or a list.
+    #[serde(deserialize_with = "one_or_many")]
+    pub from: Vec<String>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

@@ -30,6 +30,10 @@ pub struct TableSummary {
     /// Partitions a gold model rebuilt when it rebuilt only those its changed input touched.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partitions_rebuilt: Option<u64>,
+    /// Values of its `rebuild_by` key a gold model rebuilt when it rebuilt only the keys its
+    /// changed inputs touched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_rebuilt: Option<u64>,
     /// Why nothing was written, when nothing was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,

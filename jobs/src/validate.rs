@@ -301,32 +301,55 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
             );
         }
         if let Some(r) = &g.rebuild_by {
-            let from = r
-                .from
-                .strip_prefix("silver.")
-                .and_then(|t| spec.silver.iter().find(|s| s.table.get_ref() == t));
+            let column = &r.column;
+            // By partition when the table is partitioned by the column, else by key.
+            let by_partition = g.partition_by.contains(column);
             if g.kind != GoldKind::Table {
                 c.at(
                     at,
                     format!("gold view '{name}': rebuild_by applies to tables, and a view is never written"),
                 );
-            } else if !g.partition_by.contains(&r.column) {
+            } else if !by_partition && schema.field_with_name(column).is_err() {
                 c.at(
                     at,
                     format!(
-                        "gold table '{name}': rebuild_by column '{}' must be one of its partition_by columns",
-                        r.column
+                        "gold table '{name}': rebuild_by column '{column}' is neither one of its partition_by columns nor produced by {}",
+                        pipeline.sql_label(&g.sql)
                     ),
                 );
             }
-            if !from.is_some_and(|s| s.partition_by.contains(&r.column)) {
-                c.at(
-                    at,
-                    format!(
-                        "gold table '{name}': rebuild_by from '{}' must name a silver table (silver.<table>) partitioned by '{}'",
-                        r.from, r.column
+            for from in &r.from {
+                let silver = from
+                    .strip_prefix("silver.")
+                    .and_then(|t| tables.iter().find(|(l, n, _)| l == "silver" && n == t))
+                    .and_then(|(_, t, schema)| {
+                        let spec = spec.silver.iter().find(|s| s.table.get_ref() == t)?;
+                        Some((spec, schema))
+                    });
+                let problem = match silver {
+                    None => Some("must name a silver table (silver.<table>)".to_string()),
+                    Some((s, _)) if by_partition && !s.partition_by.contains(column) => Some(
+                        format!("must be partitioned by '{column}', as the table is"),
                     ),
-                );
+                    // Partition values are not stored in the data files the changed keys
+                    // are read from.
+                    Some((s, schema))
+                        if !by_partition
+                            && (s.partition_by.contains(column)
+                                || schema.field_with_name(column).is_err()) =>
+                    {
+                        Some(format!(
+                            "must have '{column}' as a column that is not a partition column"
+                        ))
+                    }
+                    _ => None,
+                };
+                if let Some(problem) = problem {
+                    c.at(
+                        at,
+                        format!("gold table '{name}': rebuild_by from '{from}' {problem}"),
+                    );
+                }
             }
         }
         match g.kind {

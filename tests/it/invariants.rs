@@ -1,5 +1,7 @@
 //! Invariants 1, 2 and 4 of the reference pipeline on generated data.
 
+use std::path::Path;
+
 use medallion_jobs::generate::{GenerateOptions, generate};
 use medallion_tests::{
     RunLayer, Scratch, copy_tree, gold_snapshot, lake_session, land_batch, run_all_ok,
@@ -82,20 +84,21 @@ async fn incremental_equals_full_and_reruns_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_of_events_alone_rebuilds_only_the_gold_models_and_dates_that_read_them() {
+async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touches() {
     let source = generated(10);
     let lake = Scratch::new();
     for b in 1..=9 {
         land_batch(&source.landing(), &lake.landing(), &format!("batch-{b:04}"));
     }
     run_all_ok(&lake.landing(), &lake.lake()).await;
-    // A Kafka micro-batch: new events (of the last 9 of 90 days, and some late ones of the
-    // 9 before), no orders, customers, products or rates.
-    let events = std::path::Path::new("events").join("batch-0010");
-    std::fs::create_dir_all(lake.landing().join(&events)).expect("mkdir");
-    copy_tree(
-        &source.landing().join(&events),
-        &lake.landing().join(&events),
+    // A Kafka micro-batch: a dozen of batch 10's events (some of them late), no orders,
+    // customers, products or rates.
+    land_first_lines(
+        &source.landing(),
+        &lake.landing(),
+        "events",
+        "batch-0010",
+        12,
     );
     let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
 
@@ -132,15 +135,68 @@ async fn a_batch_of_events_alone_rebuilds_only_the_gold_models_and_dates_that_re
         );
     }
     // daily_engagement (rebuild_by event_date from silver.events) rebuilt the dates of the
-    // batch's events alone; customer_360 has no such scope and was rebuilt whole.
+    // batch's events alone; customer_360 (rebuild_by customer_id) the customers of its
+    // events alone: some, not all, and it still holds one row per customer.
     let rebuilt = gold("daily_engagement").partitions_rebuilt;
     assert!(
-        rebuilt.is_some_and(|n| (9..=18).contains(&n)),
+        rebuilt.is_some_and(|n| (1..=12).contains(&n)),
         "daily_engagement rebuilt {rebuilt:?} date partitions"
     );
-    assert_eq!(gold("customer_360").partitions_rebuilt, None);
+    let c360 = gold("customer_360");
+    assert_eq!(c360.partitions_rebuilt, None);
+    let keys = c360.keys_rebuilt.expect("customer_360 was rebuilt whole");
+    assert!(
+        (1..=12).contains(&keys),
+        "customer_360 rebuilt {keys} of {} customers",
+        c360.rows_written
+    );
+    assert_gold_equals_a_fresh_build(&lake).await;
 
-    // What was kept equals a build from scratch over the same landing.
+    // A few changed customers alone: every model reading silver.customers is rebuilt, and
+    // customer_360 only for the customers whose silver row changed (a MERGE rewrote the
+    // file that holds them all).
+    land_first_lines(
+        &source.landing(),
+        &lake.landing(),
+        "customers",
+        "batch-0010",
+        6,
+    );
+    let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
+    let c360 = summary
+        .tables
+        .iter()
+        .find(|t| t.layer == "gold" && t.table == "customer_360")
+        .expect("customer_360 in the summary");
+    let keys = c360.keys_rebuilt.expect("customer_360 was rebuilt whole");
+    assert!(
+        (1..=6).contains(&keys),
+        "customer_360 rebuilt {keys} customers"
+    );
+    assert_gold_equals_a_fresh_build(&lake).await;
+}
+
+/// Lands the first `lines` lines (after a CSV header) of `entity`'s files of `batch` in
+/// `source`, as one file of the same batch under `landing`.
+fn land_first_lines(source: &Path, landing: &Path, entity: &str, batch: &str, lines: usize) {
+    let from = source.join(entity).join(batch);
+    let mut files: Vec<_> = std::fs::read_dir(&from)
+        .expect("batch")
+        .flatten()
+        .map(|f| f.path())
+        .collect();
+    files.sort();
+    let text = std::fs::read_to_string(&files[0]).expect("read");
+    let header = usize::from(files[0].extension().is_some_and(|e| e == "csv"));
+    let kept: Vec<&str> = text.lines().take(header + lines).collect();
+    let to = landing.join(entity).join(batch);
+    std::fs::create_dir_all(&to).expect("mkdir");
+    let name = files[0].file_name().expect("file name");
+    std::fs::write(to.join(name), kept.join("\n") + "\n").expect("write");
+}
+
+/// What was kept in `lake` equals a build from scratch over the same landing.
+async fn assert_gold_equals_a_fresh_build(lake: &Scratch) {
     let fresh = Scratch::new();
     copy_tree(&lake.landing(), &fresh.landing());
     run_all_ok(&fresh.landing(), &fresh.lake()).await;

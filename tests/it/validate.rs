@@ -162,24 +162,32 @@ fn an_unknown_column_in_sql_is_reported_with_its_line() {
 #[test]
 fn a_rebuild_by_that_cannot_scope_the_rebuild_is_reported() {
     let s = broken_pipeline(|d| {
+        let toml = d.join("pipeline.toml");
         replace(
-            &d.join("pipeline.toml"),
+            &toml,
             "rebuild_by = { column = \"event_date\", from = \"silver.events\" }",
-            "rebuild_by = { column = \"event_type\", from = \"silver.customers\" }",
+            "rebuild_by = { column = \"event_date\", from = [\"silver.events\", \"silver.customers\"] }",
+        );
+        replace(
+            &toml,
+            "rebuild_by = { column = \"customer_id\", from = [\"silver.customers\", \"silver.orders\", \"silver.events\"] }",
+            "rebuild_by = { column = \"customer_idd\", from = [\"silver.orders\", \"silver.nope\", \"silver.events\"] }",
         )
     });
     let (code, stderr) = validate(s.dir.path());
     assert_eq!(code, Some(2), "{stderr}");
+    for expected in [
+        // By partition: every source must be partitioned by the column.
+        "gold table 'daily_engagement': rebuild_by from 'silver.customers' must be partitioned by 'event_date', as the table is",
+        // By key: the column must be one of the model's and a data column of every source.
+        "gold table 'customer_360': rebuild_by column 'customer_idd' is neither one of its partition_by columns nor produced by",
+        "gold table 'customer_360': rebuild_by from 'silver.orders' must have 'customer_idd' as a column that is not a partition column",
+        "gold table 'customer_360': rebuild_by from 'silver.nope' must name a silver table (silver.<table>)",
+    ] {
+        assert!(stderr.contains(expected), "{expected}\n{stderr}");
+    }
     assert!(
-        stderr.contains(
-            "gold table 'daily_engagement': rebuild_by column 'event_type' must be one of its partition_by columns"
-        ),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains(
-            "gold table 'daily_engagement': rebuild_by from 'silver.customers' must name a silver table (silver.<table>) partitioned by 'event_type'"
-        ),
-        "{stderr}"
+        !stderr.contains("'daily_engagement': rebuild_by from 'silver.events'"),
+        "silver.events is partitioned by event_date: {stderr}"
     );
 }

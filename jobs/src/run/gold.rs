@@ -5,9 +5,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use datafusion::common::TableReference;
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::logical_expr::LogicalPlan;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Field, Schema};
+use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
+use datafusion::common::{Column, JoinType, NullEquality, TableReference};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, cast, col};
+use datafusion::prelude::DataFrame;
 use medallion_connectors::state::{get_typed, put_typed};
 use medallion_engine::deltalake::DeltaTable;
 use medallion_engine::ops::OverwriteBuilder;
@@ -96,40 +101,222 @@ async fn versions_of(
     Ok(versions)
 }
 
-/// The partitions (`column`, values) of a built gold table to rebuild, when its
-/// `rebuild_by` input is the only one that changed since `built_from` and it changed few of
-/// them; `None` to rebuild the whole table.
-async fn partitions_to_rebuild(
+/// What a build with `rebuild_by` replaces of its table.
+enum Scope {
+    /// The partitions whose `column` holds one of `values`.
+    Partitions {
+        column: String,
+        values: BTreeSet<Option<String>>,
+    },
+    /// The rows whose `column` holds one of the values of `keys` (one column, [`KEY`]).
+    Keys {
+        column: String,
+        keys: Vec<RecordBatch>,
+        count: u64,
+    },
+}
+
+/// The changed values in a [`Scope::Keys`], as a column of its own name.
+const KEY: &str = "__medallion_rebuild_key";
+
+impl Scope {
+    fn is_empty(&self) -> bool {
+        match self {
+            Scope::Partitions { values, .. } => values.is_empty(),
+            Scope::Keys { count, .. } => *count == 0,
+        }
+    }
+
+    fn column(&self) -> &str {
+        match self {
+            Scope::Partitions { column, .. } | Scope::Keys { column, .. } => column,
+        }
+    }
+}
+
+/// What of a built gold table to rebuild, when only its `rebuild_by` inputs changed since
+/// `built_from` and they changed at most half of it; `None` to rebuild the whole table.
+async fn scope_of_rebuild(
+    run: &RunContext<'_>,
     rebuild_by: &RebuildBy,
+    model: &DataFrame,
     built: &DeltaTable,
     built_from: &BTreeMap<String, u64>,
     now: &BTreeMap<String, u64>,
     opened: &BTreeMap<String, Option<DeltaTable>>,
-) -> Result<Option<(String, BTreeSet<Option<String>>)>, JobError> {
+) -> Result<Option<Scope>, JobError> {
     let column = &rebuild_by.column;
-    let others_unchanged = built_from.len() == now.len()
-        && now
-            .iter()
-            .all(|(t, v)| t == &rebuild_by.from || built_from.get(t) == Some(v));
-    let partitioned = built
-        .snapshot()
-        .is_ok_and(|s| s.metadata().partition_columns().contains(column));
-    // The source as its version in `now` was read: the model reads it, so it is open.
-    let (Some(since), Some(Some(source))) = (
-        built_from.get(&rebuild_by.from),
-        opened.get(&rebuild_by.from),
-    ) else {
-        return Ok(None);
-    };
-    if !others_unchanged || !partitioned {
+    let same_inputs =
+        built_from.len() == now.len() && now.keys().all(|t| built_from.contains_key(t));
+    let changed: Vec<&String> = now
+        .iter()
+        .filter(|(t, v)| built_from.get(*t) != Some(v))
+        .map(|(t, _)| t)
+        .collect();
+    if !same_inputs || changed.iter().any(|t| !rebuild_by.from.contains(t)) {
         return Ok(None);
     }
-    let Some(changed) = table::partitions_changed_since(source, *since, column).await? else {
-        return Ok(None);
+    // Each changed input as its version in `now` was read: the model reads it, so it is open.
+    let mut sources = Vec::new();
+    for t in changed {
+        let (Some(since), Some(Some(source))) = (built_from.get(t), opened.get(t)) else {
+            return Ok(None);
+        };
+        sources.push((*since, source));
+    }
+    let by_partition = built
+        .snapshot()
+        .is_ok_and(|s| s.metadata().partition_columns().contains(column));
+    if by_partition {
+        let mut values = BTreeSet::new();
+        for (since, source) in sources {
+            let Some(changed) = table::partitions_changed_since(source, since, column).await?
+            else {
+                return Ok(None);
+            };
+            values.extend(changed);
+        }
+        // Past half of the table, one pass over everything costs less than a filtered one.
+        let partitions = table::partition_values(built, column);
+        return Ok(
+            (values.len() * 2 <= partitions.len()).then(|| Scope::Partitions {
+                column: column.clone(),
+                values,
+            }),
+        );
+    }
+    let key_type = model
+        .schema()
+        .field_with_unqualified_name(column)?
+        .data_type()
+        .clone();
+    let key_schema = Arc::new(Schema::new(vec![Field::new(KEY, key_type.clone(), true)]));
+    let mut changed = Vec::new();
+    for (since, source) in sources {
+        let Some(batches) = table::values_changed_since(&run.ctx, source, since, column).await?
+        else {
+            return Ok(None);
+        };
+        for b in batches {
+            let values = arrow::compute::cast(b.column(0), &key_type)
+                .and_then(|v| RecordBatch::try_new(Arc::clone(&key_schema), vec![v]))
+                .map_err(datafusion::error::DataFusionError::from)?;
+            changed.push(values);
+        }
+    }
+    let keys = if changed.is_empty() {
+        Vec::new()
+    } else {
+        run.ctx.read_batches(changed)?.distinct()?.collect().await?
     };
-    // Past half of the table, one pass over everything costs less than a filtered one.
-    let partitions = table::partition_values(built, column);
-    Ok((changed.len() * 2 <= partitions.len()).then(|| (column.clone(), changed)))
+    let count: u64 = keys.iter().map(|b| b.num_rows() as u64).sum();
+    Ok((count * 2 <= table::row_count(built)).then(|| Scope::Keys {
+        column: column.clone(),
+        keys,
+        count,
+    }))
+}
+
+/// `plan` with every scan of one of `tables` (`layer.table`), also in the views it reads,
+/// restricted to the rows whose `column` is one of the values of `keys` (a semi join).
+fn restrict_scans(
+    plan: LogicalPlan,
+    tables: &[String],
+    column: &str,
+    keys: &LogicalPlan,
+) -> datafusion::error::Result<LogicalPlan> {
+    plan.transform_up_with_subqueries(|node| {
+        let LogicalPlan::TableScan(scan) = &node else {
+            return Ok(Transformed::no(node));
+        };
+        if let Some(view) = scan.source.get_logical_plan() {
+            if tables_read(&view).iter().all(|t| !tables.contains(t)) {
+                return Ok(Transformed::no(node));
+            }
+            // The view is inlined under its own name, so the plan above reads the same
+            // columns; a scan straight from SQL has no projection, filters or limit.
+            if scan.projection.is_some() || !scan.filters.is_empty() || scan.fetch.is_some() {
+                return Err(datafusion::error::DataFusionError::Plan(format!(
+                    "cannot restrict the view {}: its scan was already optimized",
+                    scan.table_name
+                )));
+            }
+            let inner = restrict_scans(view.into_owned(), tables, column, keys)?;
+            let aliased = LogicalPlanBuilder::from(inner)
+                .alias(scan.table_name.clone())?
+                .build()?;
+            return Ok(Transformed::yes(aliased));
+        }
+        if !tables.contains(&scan.table_name.to_string()) {
+            return Ok(Transformed::no(node));
+        }
+        let scanned = Column::new(Some(scan.table_name.clone()), column);
+        let key_type = scan
+            .projected_schema
+            .field_with_unqualified_name(column)?
+            .data_type()
+            .clone();
+        let right = LogicalPlanBuilder::from(keys.clone())
+            .project(vec![cast(col(KEY), key_type).alias(KEY)])?
+            .build()?;
+        // A null key is a value like any other here: rows without one changed too.
+        let restricted = LogicalPlanBuilder::from(node)
+            .join_detailed(
+                right,
+                JoinType::LeftSemi,
+                (vec![scanned], vec![Column::from_name(KEY)]),
+                None,
+                NullEquality::NullEqualsNull,
+            )?
+            .build()?;
+        Ok(Transformed::yes(restricted))
+    })
+    .map(|t| t.data)
+}
+
+/// The rows a [`Scope::Keys`] rebuild writes: `model` restricted to the changed keys, and
+/// the built table's rows of every other key, cast to the model's columns.
+async fn with_kept_rows(
+    run: &RunContext<'_>,
+    name: &str,
+    model: DataFrame,
+    rebuild_by: &RebuildBy,
+    built: &DeltaTable,
+    keys: &[RecordBatch],
+) -> Result<DataFrame, JobError> {
+    let column = rebuild_by.column.as_str();
+    let keys_plan = run.ctx.read_batches(keys.to_vec())?.into_unoptimized_plan();
+    let (state, plan) = model.into_parts();
+    let restricted = restrict_scans(plan, &rebuild_by.from, column, &keys_plan)?;
+    let rebuilt = DataFrame::new(state, restricted);
+    table::register_table(&run.ctx, "gold", name, built).await?;
+    let (state, built_plan) = run
+        .ctx
+        .table(TableReference::partial("gold", name))
+        .await?
+        .into_parts();
+    let kept = DataFrame::new(
+        state,
+        LogicalPlanBuilder::from(built_plan)
+            .join_detailed(
+                keys_plan,
+                JoinType::LeftAnti,
+                (
+                    vec![Column::from_name(column)],
+                    vec![Column::from_name(KEY)],
+                ),
+                None,
+                NullEquality::NullEqualsNull,
+            )?
+            .build()?,
+    );
+    let columns: Vec<Expr> = rebuilt
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| cast(col(Column::from_name(f.name())), f.data_type().clone()).alias(f.name()))
+        .collect();
+    Ok(rebuilt.union(kept.select(columns)?)?)
 }
 
 /// `column IN (values…)` in SQL, with `OR column IS NULL` for a null partition.
@@ -186,17 +373,17 @@ async fn run_model(
     }
     let scope = match (&spec.rebuild_by, &existing) {
         (Some(rebuild_by), Some(built)) => {
-            partitions_to_rebuild(rebuild_by, built, &state.inputs, &inputs, opened).await?
+            scope_of_rebuild(run, rebuild_by, &df, built, &state.inputs, &inputs, opened).await?
         }
         _ => None,
     };
-    if let Some((column, values)) = &scope
-        && values.is_empty()
+    if let Some(scope) = &scope
+        && scope.is_empty()
     {
-        // The input's new version changed no file (a commit of metadata alone).
+        // The changed inputs' new versions changed no row (a commit of metadata alone).
         state.inputs = inputs;
         put_typed(run.state(), &key, &state, version).await?;
-        summary.skipped = Some(format!("no {column} partition of its input changed"));
+        summary.skipped = Some(format!("no {} of its inputs changed", scope.column()));
         summary.delta_version = existing.as_ref().and_then(table::version);
         summary.duration_ms = elapsed_ms(started);
         return Ok(Some(summary));
@@ -205,8 +392,8 @@ async fn run_model(
     bar.set_message("building");
     run.repartitions();
     let seq = state.seq + 1;
-    let (source, replace_where) = match &scope {
-        Some((column, values)) => {
+    let (source, replace_where) = match (&scope, &spec.rebuild_by, &existing) {
+        (Some(Scope::Partitions { column, values }), _, _) => {
             let predicate = partition_predicate(column, values);
             tracing::info!(
                 table = name,
@@ -217,7 +404,27 @@ async fn run_model(
             let filter = df.parse_sql_expr(&predicate)?;
             (df.filter(filter)?, Some(predicate))
         }
-        None => (df, None),
+        (
+            Some(Scope::Keys {
+                column,
+                keys,
+                count,
+            }),
+            Some(rebuild_by),
+            Some(built),
+        ) => {
+            tracing::info!(
+                table = name,
+                column,
+                keys = count,
+                "rebuilding only the keys its changed inputs touched"
+            );
+            (
+                with_kept_rows(run, &name, df, rebuild_by, built, keys).await?,
+                None,
+            )
+        }
+        _ => (df, None),
     };
     let mut overwrite = OverwriteBuilder::new(url.clone(), source)
         .with_partition_columns(spec.partition_by.clone())
@@ -234,9 +441,13 @@ async fn run_model(
     if let Some(t) = table::open_table(&url).await? {
         table::register_table(&run.ctx, "gold", &name, &t).await?;
         summary.table_bytes = table::data_files(&t).0;
-        if let Some((column, values)) = &scope {
-            rows_written = table::rows_in_partitions(&t, column, values);
-            summary.partitions_rebuilt = Some(values.len() as u64);
+        match &scope {
+            Some(Scope::Partitions { column, values }) => {
+                rows_written = table::rows_in_partitions(&t, column, values);
+                summary.partitions_rebuilt = Some(values.len() as u64);
+            }
+            Some(Scope::Keys { count, .. }) => summary.keys_rebuilt = Some(*count),
+            None => {}
         }
     }
     summary.rows_read = rows_written;
