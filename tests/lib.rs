@@ -281,6 +281,25 @@ pub fn copy_tree(src: &Path, dst: &Path) {
     }
 }
 
+/// Lands the first `lines` lines (after a CSV header) of `entity`'s files of `batch` in
+/// `source`, as one file of the same batch under `landing`.
+pub fn land_first_lines(source: &Path, landing: &Path, entity: &str, batch: &str, lines: usize) {
+    let from = source.join(entity).join(batch);
+    let mut files: Vec<_> = std::fs::read_dir(&from)
+        .expect("batch")
+        .flatten()
+        .map(|f| f.path())
+        .collect();
+    files.sort();
+    let text = std::fs::read_to_string(&files[0]).expect("read");
+    let header = usize::from(files[0].extension().is_some_and(|e| e == "csv"));
+    let kept: Vec<&str> = text.lines().take(header + lines).collect();
+    let to = landing.join(entity).join(batch);
+    std::fs::create_dir_all(&to).expect("mkdir");
+    let name = files[0].file_name().expect("file name");
+    std::fs::write(to.join(name), kept.join("\n") + "\n").expect("write");
+}
+
 /// A session with every table of `lake` registered as `<layer>.<table>`.
 pub async fn lake_session(lake: &Path) -> datafusion::prelude::SessionContext {
     let ctx = medallion_engine::session::new_session(&Default::default()).expect("session");

@@ -1,11 +1,9 @@
 //! Invariants 1, 2 and 4 of the reference pipeline on generated data.
 
-use std::path::Path;
-
 use medallion_jobs::generate::{GenerateOptions, generate};
 use medallion_tests::{
-    RunLayer, Scratch, copy_tree, gold_snapshot, lake_session, land_batch, run_all_ok,
-    run_commerce, scalar, versions,
+    RunLayer, Scratch, copy_tree, gold_snapshot, lake_session, land_batch, land_first_lines,
+    run_all_ok, run_commerce, scalar, versions,
 };
 
 fn generated(batches: u32) -> Scratch {
@@ -174,25 +172,6 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
         "customer_360 rebuilt {keys} customers"
     );
     assert_gold_equals_a_fresh_build(&lake).await;
-}
-
-/// Lands the first `lines` lines (after a CSV header) of `entity`'s files of `batch` in
-/// `source`, as one file of the same batch under `landing`.
-fn land_first_lines(source: &Path, landing: &Path, entity: &str, batch: &str, lines: usize) {
-    let from = source.join(entity).join(batch);
-    let mut files: Vec<_> = std::fs::read_dir(&from)
-        .expect("batch")
-        .flatten()
-        .map(|f| f.path())
-        .collect();
-    files.sort();
-    let text = std::fs::read_to_string(&files[0]).expect("read");
-    let header = usize::from(files[0].extension().is_some_and(|e| e == "csv"));
-    let kept: Vec<&str> = text.lines().take(header + lines).collect();
-    let to = landing.join(entity).join(batch);
-    std::fs::create_dir_all(&to).expect("mkdir");
-    let name = files[0].file_name().expect("file name");
-    std::fs::write(to.join(name), kept.join("\n") + "\n").expect("write");
 }
 
 /// What was kept in `lake` equals a build from scratch over the same landing.

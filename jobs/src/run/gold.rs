@@ -193,9 +193,14 @@ async fn scope_of_rebuild(
     let key_schema = Arc::new(Schema::new(vec![Field::new(KEY, key_type.clone(), true)]));
     let mut changed = Vec::new();
     for (since, source) in sources {
-        let Some(batches) = table::values_changed_since(&run.ctx, source, since, column).await?
-        else {
-            return Ok(None);
+        // A file removed since may be gone already (a VACUUM): then rebuild the whole table.
+        let batches = match table::values_changed_since(&run.ctx, source, since, column).await {
+            Ok(Some(batches)) => batches,
+            Ok(None) => return Ok(None),
+            Err(error) => {
+                tracing::warn!(%error, table = %source.table_url(), "cannot read the rows that changed; rebuilding the whole table");
+                return Ok(None);
+            }
         };
         for b in batches {
             let values = arrow::compute::cast(b.column(0), &key_type)
