@@ -2,8 +2,8 @@
 
 use medallion_jobs::generate::{GenerateOptions, generate};
 use medallion_tests::{
-    RunLayer, Scratch, copy_tree, gold_snapshot, lake_session, land_batch, land_first_lines,
-    run_all_ok, run_commerce, scalar, versions,
+    RunLayer, Scratch, commerce_dir, copy_tree, gold_snapshot, lake_session, land_batch,
+    land_first_lines, medallion, run_all_ok, run_commerce, scalar, summary_of, versions,
 };
 
 fn generated(batches: u32) -> Scratch {
@@ -252,5 +252,60 @@ async fn no_row_is_lost_between_bronze_and_silver() {
         )
         .await,
         0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_whose_sql_changed_is_rebuilt_though_its_inputs_did_not() {
+    let source = generated(1);
+    let pipeline_dir = Scratch::new();
+    copy_tree(&commerce_dir(), pipeline_dir.dir.path());
+    let run = |lake: &Scratch| {
+        let pipeline = pipeline_dir.dir.path().join("pipeline.toml");
+        let out = medallion(&[
+            "run",
+            pipeline.to_str().unwrap(),
+            "--var",
+            &format!("landing={}", source.landing().display()),
+            "--var",
+            &format!("lake={}", lake.lake().display()),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        summary_of(&out)
+    };
+    let lake = Scratch::new();
+    run(&lake);
+    let sql = pipeline_dir.dir.path().join("gold").join("daily_sales.sql");
+    let text = std::fs::read_to_string(&sql).unwrap();
+    let counted = "WHERE o.status IN ('PLACED', 'SHIPPED')";
+    assert!(text.contains(counted));
+    std::fs::write(&sql, text.replace(counted, "WHERE o.status IN ('SHIPPED')")).unwrap();
+
+    // No input changed: only the model whose SQL did is rebuilt, and it counts by the new SQL.
+    let summary = run(&lake);
+    let gold = |table: &str| {
+        summary["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["layer"] == "gold" && t["table"] == table)
+            .cloned()
+            .unwrap_or_else(|| panic!("gold.{table} is not in {summary}"))
+    };
+    assert!(gold("daily_sales")["skipped"].is_null(), "{summary}");
+    assert!(gold("daily_sales")["rows_written"].as_u64() > Some(0));
+    for table in ["customer_360", "daily_engagement"] {
+        assert!(gold(table)["skipped"].is_string(), "{summary}");
+    }
+    let fresh = Scratch::new();
+    run(&fresh);
+    assert_eq!(
+        gold_snapshot(&lake.lake()).await,
+        gold_snapshot(&fresh.lake()).await
     );
 }

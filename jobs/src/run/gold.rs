@@ -27,6 +27,10 @@ use crate::summary::TableSummary;
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct GoldState {
     seq: i64,
+    /// What the table was built by: see [`definition_of`]. A build recorded without one
+    /// never matches, so it is rebuilt whole once.
+    #[serde(default)]
+    definition: String,
     /// Delta versions of the lake tables the last build read, by `layer.table`. (Builds
     /// before models tracked their own inputs recorded every silver table, unqualified:
     /// such a state never matches, so the first build after an upgrade runs once more.)
@@ -36,9 +40,10 @@ struct GoldState {
 pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Result<(), JobError> {
     run.register_tables().await?;
     let mut opened = BTreeMap::new();
+    let mut views = Vec::new();
     for spec in &run.pipeline.spec.gold {
         let name = spec.table.get_ref().clone();
-        if let Some(summary) = run_model(run, spec, &mut opened)
+        if let Some(summary) = run_model(run, spec, &mut opened, &mut views)
             .await
             .map_err(|e| e.in_table("gold", &name))?
         {
@@ -46,6 +51,24 @@ pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Re
         }
     }
     Ok(())
+}
+
+/// A digest of what a model's table is built by: its SQL, the SQL of the views declared
+/// before it (which it may read) and its partition columns. A table built by another
+/// definition is rebuilt whole, even when no input changed.
+fn definition_of(sql: &str, views: &[String], partition_by: &[String]) -> String {
+    use sha2::Digest as _;
+    let mut digest = sha2::Sha256::new();
+    for part in views.iter().map(String::as_str).chain([sql]) {
+        digest.update(part.len().to_le_bytes());
+        digest.update(part.as_bytes());
+    }
+    digest.update(partition_by.join("\0").as_bytes());
+    digest
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The lake tables (`layer.table`) that `plan` scans, looking through the views it reads and
@@ -346,11 +369,14 @@ async fn run_model(
     run: &RunContext<'_>,
     spec: &GoldSpec,
     opened: &mut BTreeMap<String, Option<DeltaTable>>,
+    views: &mut Vec<String>,
 ) -> Result<Option<TableSummary>, JobError> {
     let started = Instant::now();
     let name = spec.table.get_ref().clone();
-    let df = run.ctx.sql(run.pipeline.sql(&spec.sql)?).await?;
+    let sql = run.pipeline.sql(&spec.sql)?;
+    let df = run.ctx.sql(&sql).await?;
     if spec.kind == GoldKind::View {
+        views.push(sql.to_string());
         let reference = TableReference::partial("gold", name.as_str());
         run.ctx.deregister_table(reference.clone())?;
         run.ctx.register_table(reference, df.into_view())?;
@@ -367,7 +393,10 @@ async fn run_model(
     let existing = table::open_table(&url).await?;
     let read = tables_read(df.logical_plan());
     let inputs = versions_of(run, &read, opened).await?;
-    if existing.is_some() && state.inputs == inputs {
+    let definition = definition_of(sql, views, &spec.partition_by);
+    // A table built by other SQL can be neither kept nor rebuilt in part.
+    let same_definition = state.definition == definition;
+    if existing.is_some() && same_definition && state.inputs == inputs {
         summary.skipped = Some(format!(
             "unchanged since last build: {}",
             read.into_iter().collect::<Vec<_>>().join(", ")
@@ -377,7 +406,7 @@ async fn run_model(
         return Ok(Some(summary));
     }
     let scope = match (&spec.rebuild_by, &existing) {
-        (Some(rebuild_by), Some(built)) => {
+        (Some(rebuild_by), Some(built)) if same_definition => {
             scope_of_rebuild(run, rebuild_by, &df, built, &state.inputs, &inputs, opened).await?
         }
         _ => None,
@@ -440,6 +469,7 @@ async fn run_model(
     let metrics = overwrite.execute().await?;
     state.seq = seq;
     state.inputs = inputs;
+    state.definition = definition;
     put_typed(run.state(), &key, &state, version).await?;
     bar.finish_and_clear();
     let mut rows_written = metrics.rows_inserted;
