@@ -374,7 +374,7 @@ async fn run_model(
     let started = Instant::now();
     let name = spec.table.get_ref().clone();
     let sql = run.pipeline.sql(&spec.sql)?;
-    let df = run.ctx.sql(&sql).await?;
+    let df = run.ctx.sql(sql).await?;
     if spec.kind == GoldKind::View {
         views.push(sql.to_string());
         let reference = TableReference::partial("gold", name.as_str());
