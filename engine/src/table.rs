@@ -82,30 +82,34 @@ fn files_in_partitions(table: &DeltaTable, column: &str) -> Vec<(String, Option<
     )
 }
 
-/// The data files (path, value of partition column `column`) that were removed and added
-/// between version `since` of `table` and its loaded version. `None` when version `since`
-/// can no longer be loaded (its log was cleaned up) or is not older than the loaded one.
+/// A data file: its path, its value of a partition column and its rows.
+type FileEntry = (String, Option<String>, u64);
+
+/// The data files (path, value of partition column `column`, rows) that were removed and
+/// added between version `since` of `table` and its loaded version. `None` when version
+/// `since` can no longer be loaded (its log was cleaned up) or is not older than the loaded one.
 async fn files_changed_since(
     table: &DeltaTable,
     since: u64,
     column: &str,
-) -> Option<[Vec<(String, Option<String>)>; 2]> {
+) -> Option<[Vec<FileEntry>; 2]> {
     if table.version().is_none_or(|now| since >= now) {
         return None;
     }
     let mut before = table.clone();
     before.load_version(since).await.ok()?;
-    let by_path = |t: &DeltaTable| -> HashMap<String, Option<String>> {
+    let by_path = |t: &DeltaTable| -> HashMap<String, (Option<String>, u64)> {
         files_in_partitions(t, column)
             .into_iter()
-            .map(|(path, value, _)| (path, value))
+            .map(|(path, value, rows)| (path, (value, rows)))
             .collect()
     };
     let (old, new) = (by_path(&before), by_path(table));
-    let only_in = |a: &HashMap<String, Option<String>>, b: &HashMap<String, Option<String>>| {
+    let only_in = |a: &HashMap<String, (Option<String>, u64)>,
+                   b: &HashMap<String, (Option<String>, u64)>| {
         a.iter()
             .filter(|(path, _)| !b.contains_key(*path))
-            .map(|(path, value)| (path.clone(), value.clone()))
+            .map(|(path, (value, rows))| (path.clone(), value.clone(), *rows))
             .collect()
     };
     Some([only_in(&old, &new), only_in(&new, &old)])
@@ -126,7 +130,7 @@ pub async fn partitions_changed_since(
             removed
                 .into_iter()
                 .chain(added)
-                .map(|(_, value)| value)
+                .map(|(_, value, _)| value)
                 .collect()
         }))
 }
@@ -135,16 +139,22 @@ pub async fn partitions_changed_since(
 /// `since` of `table` and its loaded version: the rows of the files added since that no
 /// removed file holds, and the other way round. A MERGE rewrites whole files, so this reads
 /// the files it rewrote, not the table. One column named `column`; no rows when no data
-/// file changed. `None` when version `since` can no longer be loaded or is not older.
+/// file changed, and the rows those files hold. `None` when version `since` can no longer be
+/// loaded or is not older, or when the changed files hold more than `max_rows` rows.
 pub async fn values_changed_since(
     ctx: &SessionContext,
     table: &DeltaTable,
     since: u64,
     column: &str,
-) -> Result<Option<Vec<RecordBatch>>> {
+    max_rows: u64,
+) -> Result<Option<(Vec<RecordBatch>, u64)>> {
     let Some([removed, added]) = files_changed_since(table, since, "").await else {
         return Ok(None);
     };
+    let rows: u64 = removed.iter().chain(&added).map(|(_, _, rows)| rows).sum();
+    if rows > max_rows {
+        return Ok(None);
+    }
     // The files are read by URL, outside the table's own provider: the session needs the
     // table's store under the URL's scheme and bucket.
     let mut root = table.table_url().clone();
@@ -155,13 +165,13 @@ pub async fn values_changed_since(
     let mut base = root.clone();
     base.set_path("/");
     ctx.register_object_store(&base, store);
-    let read = async |files: &[(String, Option<String>)]| -> Result<Option<DataFrame>> {
+    let read = async |files: &[FileEntry]| -> Result<Option<DataFrame>> {
         if files.is_empty() {
             return Ok(None);
         }
         let urls = files
             .iter()
-            .map(|(path, _)| {
+            .map(|(path, _, _)| {
                 root.join(path)
                     .map(|u| u.to_string())
                     .map_err(|e| EngineError::InvalidLocation {
@@ -176,7 +186,7 @@ pub async fn values_changed_since(
         ))
     };
     let differing = match (read(&removed).await?, read(&added).await?) {
-        (None, None) => return Ok(Some(Vec::new())),
+        (None, None) => return Ok(Some((Vec::new(), 0))),
         (Some(only), None) | (None, Some(only)) => only,
         (Some(old), Some(new)) => new.clone().except(old.clone())?.union(old.except(new)?)?,
     };
@@ -185,7 +195,7 @@ pub async fn values_changed_since(
         .distinct()?
         .collect()
         .await?;
-    Ok(Some(values))
+    Ok(Some((values, rows)))
 }
 
 /// The values of partition column `column` (a null partition as `None`) across the data

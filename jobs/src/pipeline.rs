@@ -226,7 +226,8 @@ pub struct GoldSpec {
 ///   differ in the files they rewrote; the model runs over the `from` rows with those
 ///   values alone, and the table keeps its rows of every other value.
 ///
-/// Any other change, or one that touches more than half the table, rebuilds it whole.
+/// Any other change rebuilds the table whole, as does one that touches more than half of it,
+/// or (by key) whose rewritten files hold more than a quarter of the `from` tables' rows.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RebuildBy {

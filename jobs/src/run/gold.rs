@@ -214,11 +214,25 @@ async fn scope_of_rebuild(
         .data_type()
         .clone();
     let key_schema = Arc::new(Schema::new(vec![Field::new(KEY, key_type.clone(), true)]));
+    // Reading the files the changed inputs rewrote (old and new) must cost at most a quarter
+    // of reading the inputs: a batch that rewrote most of them (re-sent orders on every
+    // date) is cheaper to rebuild whole than to diff first.
+    let mut budget = rebuild_by
+        .from
+        .iter()
+        .filter_map(|t| opened.get(t)?.as_ref())
+        .map(table::row_count)
+        .sum::<u64>()
+        / 4;
     let mut changed = Vec::new();
     for (since, source) in sources {
         // A file removed since may be gone already (a VACUUM): then rebuild the whole table.
-        let batches = match table::values_changed_since(&run.ctx, source, since, column).await {
-            Ok(Some(batches)) => batches,
+        let read = table::values_changed_since(&run.ctx, source, since, column, budget).await;
+        let batches = match read {
+            Ok(Some((batches, rows))) => {
+                budget -= rows;
+                batches
+            }
             Ok(None) => return Ok(None),
             Err(error) => {
                 tracing::warn!(%error, table = %source.table_url(), "cannot read the rows that changed; rebuilding the whole table");
