@@ -308,4 +308,49 @@ async fn a_model_whose_sql_changed_is_rebuilt_though_its_inputs_did_not() {
         gold_snapshot(&lake.lake()).await,
         gold_snapshot(&fresh.lake()).await
     );
+
+    // A new column and a new partitioning: the rebuild takes both, as Spark's overwrite
+    // with overwriteSchema would.
+    let text = std::fs::read_to_string(&sql).unwrap();
+    let orders = "count(*) AS orders,";
+    assert!(text.contains(orders));
+    std::fs::write(
+        &sql,
+        text.replace(
+            orders,
+            "count(*) AS orders, max(o.quantity) AS max_quantity,",
+        ),
+    )
+    .unwrap();
+    let toml = pipeline_dir.dir.path().join("pipeline.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let declared = "sql = \"gold/daily_sales.sql\"\n";
+    assert!(text.contains(declared));
+    std::fs::write(
+        &toml,
+        text.replace(
+            declared,
+            &format!("{declared}partition_by = [\"order_date\"]\n"),
+        ),
+    )
+    .unwrap();
+    run(&lake);
+    let ctx = lake_session(&lake.lake()).await;
+    assert!(
+        scalar(
+            &ctx,
+            "SELECT CAST(max(max_quantity) AS BIGINT) FROM gold.daily_sales"
+        )
+        .await
+            > 0
+    );
+    let partitions = std::fs::read_dir(lake.lake().join("gold").join("daily_sales"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("order_date="))
+        .count();
+    assert!(
+        partitions > 1,
+        "gold.daily_sales has {partitions} date partitions"
+    );
 }

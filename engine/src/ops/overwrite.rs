@@ -1,10 +1,12 @@
 //! Replace a table's content, or the rows of some of its partitions, with a query result in
-//! one Delta version.
+//! one Delta version. A whole-table replacement takes the result's schema and the builder's
+//! partition columns, whatever the table had: the query defines the table.
 
 use std::sync::Arc;
 
 use datafusion::prelude::DataFrame;
 use deltalake::DeltaTable;
+use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 use url::Url;
 
@@ -105,11 +107,21 @@ pub(crate) async fn write_dataframe(
         .with_writer_properties(super::writer_properties())
         .with_configuration(super::target_file_size_property())
         .with_commit_properties(AppTransaction::commit_properties(txn));
-    if !partition_columns.is_empty() {
-        builder = builder.with_partition_columns(partition_columns.to_vec());
-    }
-    if let Some(predicate) = replace_where {
-        builder = builder.with_replace_where(predicate.to_string());
+    match (mode, replace_where) {
+        (SaveMode::Overwrite, None) => {
+            // Even no partition columns is a layout to take: omitted, delta-rs keeps the old.
+            builder = builder
+                .with_schema_mode(SchemaMode::Overwrite)
+                .with_partition_columns(partition_columns.to_vec());
+        }
+        (_, predicate) => {
+            if !partition_columns.is_empty() {
+                builder = builder.with_partition_columns(partition_columns.to_vec());
+            }
+            if let Some(predicate) = predicate {
+                builder = builder.with_replace_where(predicate.to_string());
+            }
+        }
     }
     let table = builder.await.map_err(|e| EngineError::delta(url, e))?;
     let (bytes, files) = table::data_files(&table);
