@@ -44,13 +44,35 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
         // Identifiers keep their case, as Spark users expect of column names.
         .set_bool("datafusion.sql_parser.enable_ident_normalization", true)
         // Spans let `validate` point at the line of an unknown column or table.
-        .set_bool("datafusion.sql_parser.collect_spans", true);
+        .set_bool("datafusion.sql_parser.collect_spans", true)
+        // A partial aggregation that keeps more than one group in ten of its first rows is
+        // skipped (DataFusion's default: four in five): grouping 30 million events by
+        // customer and session into 21 million groups, the partial stage held a second copy
+        // of the groups for little reduction. At SF 10 that DISTINCT took 3.5 s and 3.0 GB
+        // skipped against 5.4 s and 4.6 GB, and gold 19.5 s against 23.8 s.
+        .set_str(
+            "datafusion.execution.skip_partial_aggregation_probe_ratio_threshold",
+            "0.1",
+        );
     if let Some(n) = options.target_partitions {
         config = config.with_target_partitions(n.max(1));
     }
-    for (key, value) in &options.datafusion_settings {
+    // DataFusion's own environment variables (`DATAFUSION_EXECUTION_BATCH_SIZE=4096`, the
+    // setting's key upper-cased with `_` for `.`) override the defaults above, as they do in
+    // datafusion-cli; settings a caller passes override both.
+    let from_env: Vec<(String, String)> = config
+        .options()
+        .entries()
+        .into_iter()
+        .filter_map(|entry| {
+            let value = std::env::var(entry.key.to_uppercase().replace('.', "_")).ok()?;
+            Some((entry.key, value))
+        })
+        .collect();
+    for (key, value) in from_env.iter().chain(&options.datafusion_settings) {
         config.options_mut().set(key, value)?;
     }
+
     let meter = SkewMeter::default();
     config = config.with_extension(Arc::new(meter.clone()));
     let mut runtime = RuntimeEnvBuilder::new();

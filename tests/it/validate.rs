@@ -191,3 +191,34 @@ fn a_rebuild_by_that_cannot_scope_the_rebuild_is_reported() {
         "silver.events is partitioned by event_date: {stderr}"
     );
 }
+
+#[test]
+fn datafusion_settings_come_from_its_environment_over_medallions_defaults() {
+    let key = "datafusion.execution.skip_partial_aggregation_probe_ratio_threshold";
+    let setting = |env: &[(&str, &str)]| {
+        let lake = Scratch::new();
+        let pipeline = commerce_dir().join("pipeline.toml");
+        let sql = format!("SELECT value FROM information_schema.df_settings WHERE name = '{key}'");
+        let out = std::process::Command::new(medallion_tests::medallion_bin())
+            .args([
+                "query",
+                pipeline.to_str().unwrap(),
+                "--format",
+                "csv",
+                "--var",
+            ])
+            .arg(format!("lake={}", lake.lake().display()))
+            .arg(sql)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(setting(&[]), "value\n0.1");
+    let overridden = [(
+        "DATAFUSION_EXECUTION_SKIP_PARTIAL_AGGREGATION_PROBE_RATIO_THRESHOLD",
+        "0.8",
+    )];
+    assert_eq!(setting(&overridden), "value\n0.8");
+}

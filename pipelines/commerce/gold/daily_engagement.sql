@@ -3,33 +3,47 @@
 --
 -- Distinct customers and sessions are counted as rows of grouped sets rather than with
 -- count(DISTINCT): DataFusion keeps a count(DISTINCT) set per group in memory and cannot
--- spill it (at SF 10 one such aggregation asked for 1.5 GB), while GROUP BY spills. Each
--- count groups the events once, by its own value: grouping by customer and session together
--- first made one aggregation per count over nearly every event.
+-- spill it (at SF 10 one such aggregation asked for 1.5 GB), while GROUP BY spills.
 -- count(x) over the distinct values skips a null x, as count(DISTINCT x) does.
-WITH engaged AS (
+--
+-- The events are grouped by customer before the join with customers: a customer's country
+-- and segment are one per customer, so the join then meets one row per (date, type,
+-- customer) instead of one per event, and the large aggregations hold narrower rows (at SF
+-- 10: 15.1 s and 6.1 GB against 17.8 s and 6.7 GB when every event was joined first).
+WITH per_customer AS (
+    SELECT event_date, event_type, customer_id, count(*) AS events
+    FROM silver.events
+    GROUP BY 1, 2, 3
+),
+per_session AS (
+    SELECT DISTINCT event_date, event_type, customer_id, session_id
+    FROM silver.events
+),
+by_customer AS (
     SELECT
         e.event_date,
         coalesce(c.country, 'UNKNOWN') AS country,
         CASE WHEN c.customer_id IS NULL THEN 'UNKNOWN' ELSE c.segment END AS segment,
         e.event_type,
-        e.customer_id,
-        e.session_id
-    FROM silver.events e
+        sum(e.events) AS events,
+        count(e.customer_id) AS customers
+    FROM per_customer e
     LEFT JOIN silver.customers c ON c.customer_id = e.customer_id
-),
-by_customer AS (
-    SELECT event_date, country, segment, event_type, sum(events) AS events, count(customer_id) AS customers
-    FROM (
-        SELECT event_date, country, segment, event_type, customer_id, count(*) AS events
-        FROM engaged
-        GROUP BY 1, 2, 3, 4, 5
-    )
     GROUP BY 1, 2, 3, 4
 ),
 by_session AS (
+    -- A session is counted once in its group, whichever customers it was seen with.
     SELECT event_date, country, segment, event_type, count(session_id) AS sessions
-    FROM (SELECT DISTINCT event_date, country, segment, event_type, session_id FROM engaged)
+    FROM (
+        SELECT DISTINCT
+            e.event_date,
+            coalesce(c.country, 'UNKNOWN') AS country,
+            CASE WHEN c.customer_id IS NULL THEN 'UNKNOWN' ELSE c.segment END AS segment,
+            e.event_type,
+            e.session_id
+        FROM per_session e
+        LEFT JOIN silver.customers c ON c.customer_id = e.customer_id
+    )
     GROUP BY 1, 2, 3, 4
 )
 SELECT
