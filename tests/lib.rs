@@ -300,6 +300,13 @@ pub fn land_first_lines(source: &Path, landing: &Path, entity: &str, batch: &str
     std::fs::write(to.join(name), kept.join("\n") + "\n").expect("write");
 }
 
+/// Replaces the first `from` in the file at `path` with `to`; `from` must be there.
+pub fn replace_in_file(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from} not in {}", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
 /// A session with every table of `lake` registered as `<layer>.<table>`.
 pub async fn lake_session(lake: &Path) -> datafusion::prelude::SessionContext {
     let ctx = medallion_engine::session::new_session(&Default::default()).expect("session");

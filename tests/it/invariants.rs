@@ -3,7 +3,8 @@
 use medallion_jobs::generate::{GenerateOptions, generate};
 use medallion_tests::{
     RunLayer, Scratch, commerce_dir, copy_tree, gold_snapshot, lake_session, land_batch,
-    land_first_lines, medallion, run_all_ok, run_commerce, scalar, summary_of, versions,
+    land_first_lines, medallion, replace_in_file, run_all_ok, run_commerce, scalar, summary_of,
+    versions,
 };
 
 fn generated(batches: u32) -> Scratch {
@@ -281,10 +282,11 @@ async fn a_model_whose_sql_changed_is_rebuilt_though_its_inputs_did_not() {
     let lake = Scratch::new();
     run(&lake);
     let sql = pipeline_dir.dir.path().join("gold").join("daily_sales.sql");
-    let text = std::fs::read_to_string(&sql).unwrap();
-    let counted = "WHERE o.status IN ('PLACED', 'SHIPPED')";
-    assert!(text.contains(counted));
-    std::fs::write(&sql, text.replace(counted, "WHERE o.status IN ('SHIPPED')")).unwrap();
+    replace_in_file(
+        &sql,
+        "WHERE o.status IN ('PLACED', 'SHIPPED')",
+        "WHERE o.status IN ('SHIPPED')",
+    );
 
     // No input changed: only the model whose SQL did is rebuilt, and it counts by the new SQL.
     let summary = run(&lake);
@@ -311,29 +313,17 @@ async fn a_model_whose_sql_changed_is_rebuilt_though_its_inputs_did_not() {
 
     // A new column and a new partitioning: the rebuild takes both, as Spark's overwrite
     // with overwriteSchema would.
-    let text = std::fs::read_to_string(&sql).unwrap();
-    let orders = "count(*) AS orders,";
-    assert!(text.contains(orders));
-    std::fs::write(
+    replace_in_file(
         &sql,
-        text.replace(
-            orders,
-            "count(*) AS orders, max(o.quantity) AS max_quantity,",
-        ),
-    )
-    .unwrap();
-    let toml = pipeline_dir.dir.path().join("pipeline.toml");
-    let text = std::fs::read_to_string(&toml).unwrap();
+        "count(*) AS orders,",
+        "count(*) AS orders, max(o.quantity) AS max_quantity,",
+    );
     let declared = "sql = \"gold/daily_sales.sql\"\n";
-    assert!(text.contains(declared));
-    std::fs::write(
-        &toml,
-        text.replace(
-            declared,
-            &format!("{declared}partition_by = [\"order_date\"]\n"),
-        ),
-    )
-    .unwrap();
+    replace_in_file(
+        &pipeline_dir.dir.path().join("pipeline.toml"),
+        declared,
+        &format!("{declared}partition_by = [\"order_date\"]\n"),
+    );
     run(&lake);
     let ctx = lake_session(&lake.lake()).await;
     assert!(

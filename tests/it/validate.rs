@@ -1,6 +1,6 @@
 //! `medallion validate` reports a broken pipeline with file and line, before any I/O.
 
-use medallion_tests::{Scratch, commerce_dir, copy_tree, medallion};
+use medallion_tests::{Scratch, commerce_dir, copy_tree, medallion, replace_in_file as replace};
 
 fn broken_pipeline(edit: impl FnOnce(&std::path::Path)) -> Scratch {
     let s = Scratch::new();
@@ -15,12 +15,6 @@ fn validate(dir: &std::path::Path) -> (Option<i32>, String) {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
-}
-
-fn replace(path: &std::path::Path, from: &str, to: &str) {
-    let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.contains(from), "{from} not in {}", path.display());
-    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
 }
 
 fn line_of(path: &std::path::Path, needle: &str) -> usize {
