@@ -223,10 +223,13 @@ pub fn rows_in_partitions(
 
 /// Rows of the loaded version of `table`, from the Delta log's per-file statistics.
 pub fn row_count(table: &DeltaTable) -> u64 {
-    files_in_partitions(table, "")
-        .into_iter()
-        .map(|(_, _, rows)| rows)
-        .sum()
+    table.snapshot().map_or(0, |s| {
+        s.log_data()
+            .iter()
+            .filter_map(|f| f.num_records())
+            .map(|n| n as u64)
+            .sum()
+    })
 }
 
 /// Bytes and count of the data files in the loaded version of `table`.

@@ -101,13 +101,7 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
     );
     let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
 
-    let gold = |table: &str| {
-        summary
-            .tables
-            .iter()
-            .find(|t| t.layer == "gold" && t.table == table)
-            .unwrap_or_else(|| panic!("gold.{table} is not in the summary"))
-    };
+    let gold = |table: &str| gold_table(&summary, table);
     // daily_sales reads orders (through the orders_priced view), fx_rates, customers and
     // products: none of them changed.
     let sales = gold("daily_sales");
@@ -162,17 +156,25 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
         6,
     );
     let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
-    let c360 = summary
-        .tables
-        .iter()
-        .find(|t| t.layer == "gold" && t.table == "customer_360")
-        .expect("customer_360 in the summary");
+    let c360 = gold_table(&summary, "customer_360");
     let keys = c360.keys_rebuilt.expect("customer_360 was rebuilt whole");
     assert!(
         (1..=6).contains(&keys),
         "customer_360 rebuilt {keys} customers"
     );
     assert_gold_equals_a_fresh_build(&lake).await;
+}
+
+/// The summary of gold table `table` in a run's `summary`.
+fn gold_table<'a>(
+    summary: &'a medallion_jobs::summary::RunSummary,
+    table: &str,
+) -> &'a medallion_jobs::summary::TableSummary {
+    summary
+        .tables
+        .iter()
+        .find(|t| t.layer == "gold" && t.table == table)
+        .unwrap_or_else(|| panic!("gold.{table} is not in the summary"))
 }
 
 /// What was kept in `lake` equals a build from scratch over the same landing.

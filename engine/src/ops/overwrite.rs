@@ -125,23 +125,12 @@ pub(crate) async fn write_dataframe(
     }
     let table = builder.await.map_err(|e| EngineError::delta(url, e))?;
     let (bytes, files) = table::data_files(&table);
-    let rows = written_rows(&table);
+    let rows = table::row_count(&table);
     Ok(CommitMetrics {
         version: table.version(),
         rows_inserted: rows,
         files_added: files,
         bytes_added: bytes,
         ..CommitMetrics::default()
-    })
-}
-
-/// Rows in the table's current files, from the per-file statistics of the Delta log.
-fn written_rows(table: &DeltaTable) -> u64 {
-    table.snapshot().map_or(0, |s| {
-        s.log_data()
-            .iter()
-            .filter_map(|f| f.num_records())
-            .map(|n| n as u64)
-            .sum()
     })
 }
