@@ -455,6 +455,7 @@ pub async fn run_commerce_at(
             ..Default::default()
         },
         lease: Default::default(),
+        gold: Default::default(),
     };
     run_pipeline(&pipeline, &options).await
 }

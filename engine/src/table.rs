@@ -1,6 +1,6 @@
 //! Opening Delta tables and showing them to DataFusion under `<layer>.<table>`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::TableReference;
@@ -198,13 +198,20 @@ pub async fn values_changed_since(
     Ok(Some((values, rows)))
 }
 
+/// Rows, from the Delta log's per-file statistics, by value of partition column `column` (a
+/// null partition as `None`) across the data files of the loaded version of `table`.
+pub fn rows_by_partition(table: &DeltaTable, column: &str) -> BTreeMap<Option<String>, u64> {
+    let mut rows = BTreeMap::new();
+    for (_, value, n) in files_in_partitions(table, column) {
+        *rows.entry(value).or_insert(0) += n;
+    }
+    rows
+}
+
 /// The values of partition column `column` (a null partition as `None`) across the data
 /// files of the loaded version of `table`.
 pub fn partition_values(table: &DeltaTable, column: &str) -> BTreeSet<Option<String>> {
-    files_in_partitions(table, column)
-        .into_iter()
-        .map(|(_, value, _)| value)
-        .collect()
+    rows_by_partition(table, column).into_keys().collect()
 }
 
 /// Rows, from the Delta log's per-file statistics, in the files of the loaded version of
@@ -214,10 +221,10 @@ pub fn rows_in_partitions(
     column: &str,
     values: &BTreeSet<Option<String>>,
 ) -> u64 {
-    files_in_partitions(table, column)
+    rows_by_partition(table, column)
         .into_iter()
-        .filter(|(_, value, _)| values.contains(value))
-        .map(|(_, _, rows)| rows)
+        .filter(|(value, _)| values.contains(value))
+        .map(|(_, rows)| rows)
         .sum()
 }
 

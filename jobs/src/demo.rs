@@ -52,6 +52,7 @@ pub async fn demo(
         progress,
         session: Default::default(),
         lease: Default::default(),
+        gold: Default::default(),
     };
     let (summary, result) = run_pipeline(&pipeline, &options).await;
     result?;

@@ -28,6 +28,7 @@
 //!     progress: false,
 //!     session: Default::default(),
 //!     lease: Default::default(),
+//!     gold: Default::default(),
 //! };
 //! let (summary, result) = run_pipeline(&pipeline, &options).await;
 //! println!("{}", summary.to_json_line());

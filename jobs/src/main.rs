@@ -50,6 +50,11 @@ enum Command {
         /// (Spark's autoBroadcastJoinThreshold, in rows); 0 turns it off.
         #[arg(long, env = "MEDALLION_BROADCAST_MAX_ROWS", default_value_t = medallion_engine::skew::DEFAULT_BROADCAST_MAX_ROWS)]
         broadcast_max_rows: usize,
+        /// A gold model rebuilt by partition is built a slice of partitions at a time, each
+        /// reading at most about this many rows of its `rebuild_by` inputs, so its joins and
+        /// aggregations hold one slice's groups instead of the whole table's.
+        #[arg(long, env = "MEDALLION_SLICE_ROWS", default_value_t = medallion_jobs::run::DEFAULT_SLICE_ROWS)]
+        slice_rows: u64,
         /// How long a layer's lease lives unrenewed (`60s`, `2m`): a killed run's lease is
         /// free again after it.
         #[arg(long, env = "MEDALLION_LEASE_TTL", value_parser = parse_duration, default_value = "60s")]
@@ -234,6 +239,7 @@ async fn dispatch(command: Command) -> i32 {
             target_partitions,
             memory_limit,
             broadcast_max_rows,
+            slice_rows,
             lease_ttl,
             lease_wait,
         } => {
@@ -266,6 +272,7 @@ async fn dispatch(command: Command) -> i32 {
                     ttl: lease_ttl,
                     wait: lease_wait,
                 },
+                gold: medallion_jobs::run::GoldOptions { slice_rows },
             };
             let (run_summary, result) = run_pipeline(&pipeline, &options).await;
             if let Err(e) = &result {

@@ -34,6 +34,9 @@ pub struct TableSummary {
     /// changed inputs touched.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keys_rebuilt: Option<u64>,
+    /// Slices of partitions a gold model was built in, one after another, when more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition_slices: Option<u64>,
     /// Why nothing was written, when nothing was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,

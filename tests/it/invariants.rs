@@ -346,3 +346,61 @@ async fn a_model_whose_sql_changed_is_rebuilt_though_its_inputs_did_not() {
         "gold.daily_sales has {partitions} date partitions"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_built_a_slice_of_partitions_at_a_time_equals_one_built_at_once() {
+    let source = generated(3);
+    let lake = Scratch::new();
+    for b in 1..=2 {
+        land_batch(&source.landing(), &lake.landing(), &format!("batch-{b:04}"));
+    }
+    let run = |slice_rows: &str| {
+        let out = medallion(&[
+            "run",
+            "commerce",
+            "--var",
+            &format!("landing={}", lake.landing().display()),
+            "--var",
+            &format!("lake={}", lake.lake().display()),
+            "--slice-rows",
+            slice_rows,
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary = summary_of(&out);
+        summary["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["layer"] == "gold" && t["table"] == "daily_engagement")
+            .cloned()
+            .unwrap_or_else(|| panic!("gold.daily_engagement is not in {summary}"))
+    };
+    // daily_engagement is rebuilt by event_date from silver.events: its first build reads
+    // the 4,000 events of two batches, in slices of dates that hold at most 500 of them.
+    let engagement = run("500");
+    let slices = engagement["partition_slices"].as_u64().unwrap_or(1);
+    assert!(slices >= 4, "built in {slices} slices: {engagement}");
+    assert_gold_equals_a_fresh_build(&lake).await;
+
+    // A micro-batch of events: the dates it touched, a date per slice.
+    land_first_lines(
+        &source.landing(),
+        &lake.landing(),
+        "events",
+        "batch-0003",
+        12,
+    );
+    let engagement = run("1");
+    let rebuilt = engagement["partitions_rebuilt"].as_u64();
+    assert!(
+        rebuilt.is_some_and(|n| (2..=12).contains(&n)),
+        "rebuilt {rebuilt:?} dates: {engagement}"
+    );
+    assert_eq!(engagement["partition_slices"].as_u64(), rebuilt);
+    assert_gold_equals_a_fresh_build(&lake).await;
+}

@@ -8,11 +8,16 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Field, Schema};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::catalog::streaming::StreamingTable;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
 use datafusion::common::{Column, JoinType, NullEquality, TableReference};
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, cast, col};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::prelude::DataFrame;
+use futures::{StreamExt as _, TryStreamExt as _};
 use medallion_connectors::state::{get_typed, put_typed};
 use medallion_engine::deltalake::DeltaTable;
 use medallion_engine::ops::OverwriteBuilder;
@@ -379,6 +384,105 @@ fn partition_predicate(column: &str, values: &BTreeSet<Option<String>>) -> Strin
     terms.join(" OR ")
 }
 
+/// The partition values of the `from` inputs of a model rebuilt by partition, in order, cut
+/// into slices of at most about `slice_rows` input rows (a larger partition is a slice of its
+/// own); `only` the values in `only` when given. `None` when that makes fewer than two
+/// slices, or when an input is not open (it has no table yet).
+fn partition_slices(
+    rebuild_by: &RebuildBy,
+    opened: &BTreeMap<String, Option<DeltaTable>>,
+    only: Option<&BTreeSet<Option<String>>>,
+    slice_rows: u64,
+) -> Option<Vec<BTreeSet<Option<String>>>> {
+    let mut rows: BTreeMap<Option<String>, u64> = BTreeMap::new();
+    for t in &rebuild_by.from {
+        let input = opened.get(t)?.as_ref()?;
+        for (value, n) in table::rows_by_partition(input, &rebuild_by.column) {
+            if only.is_none_or(|o| o.contains(&value)) {
+                *rows.entry(value).or_insert(0) += n;
+            }
+        }
+    }
+    let mut slices: Vec<BTreeSet<Option<String>>> = Vec::new();
+    let mut in_last = 0;
+    for (value, n) in rows {
+        if slices.is_empty() || (in_last > 0 && in_last + n > slice_rows) {
+            slices.push(BTreeSet::new());
+            in_last = 0;
+        }
+        slices.last_mut()?.insert(value);
+        in_last += n;
+    }
+    (slices.len() > 1).then_some(slices)
+}
+
+/// `model`'s rows, built one slice of partitions after another: each slice is the model
+/// filtered to its partitions, a filter that reaches the scans of the `rebuild_by` inputs
+/// (the contract `rebuild_by` declares), so that the slice's joins and aggregations hold
+/// its groups alone and the memory of one slice is reused by the next.
+async fn built_in_slices(
+    run: &RunContext<'_>,
+    model: DataFrame,
+    column: &str,
+    slices: &[BTreeSet<Option<String>>],
+) -> Result<DataFrame, JobError> {
+    let predicates = slices
+        .iter()
+        .map(|values| model.parse_sql_expr(&partition_predicate(column, values)))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The types the slices' plans produce (a string column may come out as Utf8View where
+    // the logical schema says Utf8): every slice is the same plan but for its literals.
+    let first = predicates.first().cloned().unwrap_or_else(|| lit(true));
+    let schema = model
+        .clone()
+        .filter(first)?
+        .create_physical_plan()
+        .await?
+        .schema();
+    let partition = Arc::new(SlicedModel {
+        model,
+        predicates,
+        schema: Arc::clone(&schema),
+    });
+    let table = StreamingTable::try_new(schema, vec![partition])?;
+    Ok(run.ctx.read_table(Arc::new(table))?)
+}
+
+/// The one partition of [`built_in_slices`]'s table: runs the model once per slice, in turn.
+struct SlicedModel {
+    model: DataFrame,
+    predicates: Vec<Expr>,
+    schema: SchemaRef,
+}
+
+impl std::fmt::Debug for SlicedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlicedModel")
+            .field("slices", &self.predicates.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartitionStream for SlicedModel {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let model = self.model.clone();
+        let slices = futures::stream::iter(self.predicates.clone())
+            .then(move |predicate| {
+                let model = model.clone();
+                async move { model.filter(predicate)?.execute_stream().await }
+            })
+            .try_flatten();
+        Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            slices,
+        ))
+    }
+}
+
 async fn run_model(
     run: &RunContext<'_>,
     spec: &GoldSpec,
@@ -440,6 +544,27 @@ async fn run_model(
     bar.set_message("building");
     run.repartitions();
     let seq = state.seq + 1;
+    let slice_rows = run.options.gold.slice_rows;
+    let by_partition = spec
+        .rebuild_by
+        .as_ref()
+        .filter(|r| spec.partition_by.contains(&r.column));
+    let slices = match &scope {
+        Some(Scope::Partitions { values, .. }) => {
+            by_partition.and_then(|r| partition_slices(r, opened, Some(values), slice_rows))
+        }
+        Some(Scope::Keys { .. }) => None,
+        None => by_partition.and_then(|r| partition_slices(r, opened, None, slice_rows)),
+    };
+    if let (Some(slices), Some(r)) = (&slices, by_partition) {
+        tracing::info!(
+            table = name,
+            slices = slices.len(),
+            column = r.column,
+            "building a slice of partitions at a time"
+        );
+        summary.partition_slices = Some(slices.len() as u64);
+    }
     let (source, replace_where) = match (&scope, &spec.rebuild_by, &existing) {
         (Some(Scope::Partitions { column, values }), _, _) => {
             let predicate = partition_predicate(column, values);
@@ -449,8 +574,14 @@ async fn run_model(
                 predicate,
                 "rebuilding only the partitions its changed input touched"
             );
-            let filter = df.parse_sql_expr(&predicate)?;
-            (df.filter(filter)?, Some(predicate))
+            let source = match &slices {
+                Some(slices) => built_in_slices(run, df, column, slices).await?,
+                None => {
+                    let filter = df.parse_sql_expr(&predicate)?;
+                    df.filter(filter)?
+                }
+            };
+            (source, Some(predicate))
         }
         (
             Some(Scope::Keys {
@@ -472,7 +603,10 @@ async fn run_model(
                 None,
             )
         }
-        _ => (df, None),
+        _ => match (&slices, by_partition) {
+            (Some(slices), Some(r)) => (built_in_slices(run, df, &r.column, slices).await?, None),
+            _ => (df, None),
+        },
     };
     let mut overwrite = OverwriteBuilder::new(url.clone(), source)
         .with_partition_columns(spec.partition_by.clone())
