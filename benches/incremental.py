@@ -40,9 +40,14 @@ def land(all_batches, landing, n, entities=None):
                 os.symlink(os.path.join(src, batch), link)
 
 
+def pipeline_command(args, landing, lake, summary):
+    """`medallion run commerce` from landing into lake, writing its summary, with --medallion-arg."""
+    return [args.medallion, "run", "commerce", "--var", f"landing={landing}", "--var", f"lake={lake}",
+            "--summary", summary, *args.medallion_arg]
+
+
 def run_pipeline(args, landing, lake, log, summary):
-    cmd = [args.medallion, "run", "commerce", "--var", f"landing={landing}", "--var", f"lake={lake}", "--summary", summary]
-    result = suite.measure(cmd + args.medallion_arg, log=log)
+    result = suite.measure(pipeline_command(args, landing, lake, summary), log=log)
     with open(summary) as f:
         result["tables"] = [
             {k: t.get(k) for k in ("layer", "table", "duration_ms", "rows_read", "rows_written", "rows_updated", "skipped")}

@@ -26,7 +26,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import incremental  # noqa: E402  (land, BATCHES)
+import incremental  # noqa: E402  (land, pipeline_command, BATCHES)
 import run as suite  # noqa: E402  (CACHE, generate_cached, medallion_binary)
 
 TOOLS = os.path.join(suite.CACHE, "tools", "bin")
@@ -38,11 +38,6 @@ def tool(name):
     if not found:
         raise SystemExit(f"{name} not found: cargo install inferno --root {os.path.dirname(TOOLS)}")
     return found
-
-
-def medallion_run(args, landing, lake, summary):
-    return [args.medallion, "run", "commerce", "--var", f"landing={landing}", "--var", f"lake={lake}",
-            "--summary", summary, *args.medallion_arg]
 
 
 def windows(log_path):
@@ -106,7 +101,7 @@ def main():
         landing = os.path.join(work, "landing")
         incremental.land(batches, landing, incremental.BATCHES - 1)
         print(f"building the lake of batches 1-{incremental.BATCHES - 1} (not profiled)", flush=True)
-        subprocess.run(medallion_run(args, landing, lake, os.path.join(work, "full-summary.json")),
+        subprocess.run(incremental.pipeline_command(args, landing, lake, os.path.join(work, "full-summary.json")),
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         incremental.land(batches, landing, incremental.BATCHES)
     else:
@@ -117,7 +112,7 @@ def main():
     # Sample times on the wall clock, so the log's timestamps cut the profile into tables.
     perf = ["perf", "record", "-k", "CLOCK_REALTIME", "-F", str(args.frequency), "--call-graph", "dwarf,16384", "-o", data, "--"]
     with open(log, "w") as out:
-        subprocess.run(perf + medallion_run(args, landing, lake, summary), check=True, stdout=out, stderr=subprocess.STDOUT)
+        subprocess.run(perf + incremental.pipeline_command(args, landing, lake, summary), check=True, stdout=out, stderr=subprocess.STDOUT)
 
     os.makedirs(args.results, exist_ok=True)
     svg = os.path.join(args.results, f"{tag}.svg")

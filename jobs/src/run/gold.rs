@@ -544,27 +544,6 @@ async fn run_model(
     bar.set_message("building");
     run.repartitions();
     let seq = state.seq + 1;
-    let slice_rows = run.options.gold.slice_rows;
-    let by_partition = spec
-        .rebuild_by
-        .as_ref()
-        .filter(|r| spec.partition_by.contains(&r.column));
-    let slices = match &scope {
-        Some(Scope::Partitions { values, .. }) => {
-            by_partition.and_then(|r| partition_slices(r, opened, Some(values), slice_rows))
-        }
-        Some(Scope::Keys { .. }) => None,
-        None => by_partition.and_then(|r| partition_slices(r, opened, None, slice_rows)),
-    };
-    if let (Some(slices), Some(r)) = (&slices, by_partition) {
-        tracing::info!(
-            table = name,
-            slices = slices.len(),
-            column = r.column,
-            "building a slice of partitions at a time"
-        );
-        summary.partition_slices = Some(slices.len() as u64);
-    }
     let (source, replace_where) = match (&scope, &spec.rebuild_by, &existing) {
         (Some(Scope::Partitions { column, values }), _, _) => {
             let predicate = partition_predicate(column, values);
@@ -574,14 +553,8 @@ async fn run_model(
                 predicate,
                 "rebuilding only the partitions its changed input touched"
             );
-            let source = match &slices {
-                Some(slices) => built_in_slices(run, df, column, slices).await?,
-                None => {
-                    let filter = df.parse_sql_expr(&predicate)?;
-                    df.filter(filter)?
-                }
-            };
-            (source, Some(predicate))
+            let filter = df.parse_sql_expr(&predicate)?;
+            (df.filter(filter)?, Some(predicate))
         }
         (
             Some(Scope::Keys {
@@ -603,10 +576,35 @@ async fn run_model(
                 None,
             )
         }
-        _ => match (&slices, by_partition) {
-            (Some(slices), Some(r)) => (built_in_slices(run, df, &r.column, slices).await?, None),
-            _ => (df, None),
-        },
+        _ => (df, None),
+    };
+    // A model rebuilt by partition (whole, or the partitions in scope) is built in slices of
+    // those partitions; a rebuild by key keeps rows of every partition, so it never slices.
+    let in_scope = match &scope {
+        Some(Scope::Partitions { values, .. }) => Some(values),
+        _ => None,
+    };
+    let slices = spec
+        .rebuild_by
+        .as_ref()
+        .filter(|r| spec.partition_by.contains(&r.column))
+        .filter(|_| !matches!(scope, Some(Scope::Keys { .. })))
+        .and_then(|r| {
+            let slices = partition_slices(r, opened, in_scope, run.options.gold.slice_rows)?;
+            Some((&r.column, slices))
+        });
+    let source = match slices {
+        Some((column, slices)) => {
+            tracing::info!(
+                table = name,
+                slices = slices.len(),
+                column,
+                "building a slice of partitions at a time"
+            );
+            summary.partition_slices = Some(slices.len() as u64);
+            built_in_slices(run, source, column, &slices).await?
+        }
+        None => source,
     };
     let mut overwrite = OverwriteBuilder::new(url.clone(), source)
         .with_partition_columns(spec.partition_by.clone())
