@@ -165,6 +165,13 @@ pub struct SilverSpec {
     pub keep_latest_by: Vec<String>,
     #[serde(default)]
     pub partition_by: Vec<String>,
+    /// Only these columns of the table's data files carry min/max statistics (Delta's
+    /// `delta.dataSkippingStatsColumns`); unset, all of them do; the
+    /// `key` columns always do, as a MERGE skips files by their key ranges. Statistics let readers skip
+    /// files, but the writer compares every value with them: leave out long text that no
+    /// query filters on.
+    #[serde(default)]
+    pub stats_columns: Option<Vec<String>>,
     /// Columns computed from each bronze row before the rules, visible to the rules and to
     /// `sql` but not kept in quarantine: a JSON message parsed once with `json_tuple` instead
     /// of once per rule and per column.
@@ -186,6 +193,15 @@ impl SilverSpec {
         self.quarantine_table
             .clone()
             .unwrap_or_else(|| format!("{}_quarantine", self.table.get_ref()))
+    }
+
+    /// The columns with statistics: the configured ones and the key, or `None` for all.
+    pub fn stats_columns(&self) -> Option<Vec<String>> {
+        self.stats_columns.as_ref().map(|configured| {
+            let mut columns = self.key.clone();
+            columns.extend(configured.iter().filter(|c| !self.key.contains(c)).cloned());
+            columns
+        })
     }
 
     pub fn rules(&self) -> Vec<Rule> {
@@ -212,6 +228,12 @@ pub struct GoldSpec {
     pub kind: GoldKind,
     #[serde(default)]
     pub partition_by: Vec<String>,
+    /// Only these columns of the table's data files carry min/max statistics (Delta's
+    /// `delta.dataSkippingStatsColumns`); unset, all of them do. Statistics let readers skip
+    /// files, but the writer compares every value with them: leave out long text that no
+    /// query filters on.
+    #[serde(default)]
+    pub stats_columns: Option<Vec<String>>,
     /// Rebuild only the rows that a change of some silver tables can touch.
     #[serde(default)]
     pub rebuild_by: Option<RebuildBy>,

@@ -216,6 +216,10 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
             ("key column", &s.key),
             ("keep_latest_by column", &s.keep_latest_by),
             ("partition column", &s.partition_by),
+            (
+                "stats column",
+                s.stats_columns.as_ref().unwrap_or(&Vec::new()),
+            ),
         ] {
             if what == "key column" && cols.is_empty() {
                 c.at(at, format!("silver table '{name}': `key` names no column"));
@@ -287,15 +291,18 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
             }
         };
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        for col in g
+        let stats_columns = g.stats_columns.clone().unwrap_or_default();
+        for (what, col) in g
             .partition_by
             .iter()
-            .filter(|col| schema.field_with_name(col).is_err())
+            .map(|col| ("partition column", col))
+            .chain(stats_columns.iter().map(|col| ("stats column", col)))
+            .filter(|(_, col)| schema.field_with_name(col).is_err())
         {
             c.at(
                 at,
                 format!(
-                    "gold table '{name}': partition column '{col}' is not produced by {}",
+                    "gold table '{name}': {what} '{col}' is not produced by {}",
                     pipeline.sql_label(&g.sql)
                 ),
             );

@@ -5,4 +5,5 @@ mod handmade;
 mod invariants;
 mod recovery;
 mod s3;
+mod statistics;
 mod validate;

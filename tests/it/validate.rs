@@ -216,3 +216,26 @@ fn datafusion_settings_come_from_its_environment_over_medallions_defaults() {
     )];
     assert_eq!(setting(&overridden), "value\n0.8");
 }
+
+#[test]
+fn an_unknown_stats_column_is_reported_with_its_line() {
+    let s = broken_pipeline(|d| {
+        replace(
+            &d.join("pipeline.toml"),
+            "stats_columns = [\"event_ts\"]",
+            "stats_columns = [\"event_time\"]",
+        )
+    });
+    let (code, stderr) = validate(s.dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    let line = line_of(
+        &s.dir.path().join("pipeline.toml"),
+        "table = \"events\"\nfrom",
+    );
+    assert!(
+        stderr.contains(&format!(
+            "pipeline.toml:{line}: silver table 'events': stats column 'event_time' is not produced by"
+        )),
+        "{stderr}"
+    );
+}

@@ -27,6 +27,7 @@ pub struct AppendBuilder {
     url: Url,
     schema: SchemaRef,
     partition_columns: Vec<String>,
+    stats_columns: Option<Vec<String>>,
     target_file_size: u64,
 }
 
@@ -36,6 +37,7 @@ impl AppendBuilder {
             url,
             schema,
             partition_columns: Vec::new(),
+            stats_columns: None,
             target_file_size: DEFAULT_TARGET_FILE_SIZE.get(),
         }
     }
@@ -45,6 +47,15 @@ impl AppendBuilder {
         columns: impl IntoIterator<Item = impl Into<String>>,
     ) -> Self {
         self.partition_columns = columns.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Only these columns carry min/max statistics (all of them when never called).
+    pub fn with_stats_columns(
+        mut self,
+        columns: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.stats_columns = Some(columns.into_iter().map(Into::into).collect());
         self
     }
 
@@ -65,7 +76,7 @@ impl AppendBuilder {
         )
         .map_err(|e| EngineError::delta(&self.url, e))?
         .with_target_file_size(self.target_file_size)
-        .with_writer_properties(super::writer_properties());
+        .with_writer_properties(super::writer_properties(self.stats_columns.as_deref()));
         Ok(StagedAppend {
             builder: self,
             writer,
@@ -185,7 +196,13 @@ impl StagedAppend {
         let table = match table::open_table(&url).await? {
             Some(t) => t,
             None => {
-                create_table(&url, &self.builder.schema, &self.builder.partition_columns).await?
+                create_table(
+                    &url,
+                    &self.builder.schema,
+                    &self.builder.partition_columns,
+                    self.builder.stats_columns.as_deref(),
+                )
+                .await?
             }
         };
         if let Some(done) = AppTransaction::already_committed(txn, &table).await? {
@@ -229,6 +246,7 @@ pub(crate) async fn create_table(
     url: &Url,
     schema: &SchemaRef,
     partition_columns: &[String],
+    stats_columns: Option<&[String]>,
 ) -> Result<DeltaTable> {
     let kernel_schema: StructType = schema
         .as_ref()
@@ -245,7 +263,7 @@ pub(crate) async fn create_table(
         .create()
         .with_columns(kernel_schema.fields().cloned())
         .with_partition_columns(partition_columns.to_vec())
-        .with_configuration(super::target_file_size_property())
+        .with_configuration(super::table_properties(stats_columns))
         .await
         .map_err(|e| EngineError::delta(url, e))
 }

@@ -13,7 +13,8 @@ pub use upsert::UpsertBuilder;
 use std::num::NonZeroU64;
 
 use datafusion::parquet::basic::Compression;
-use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use datafusion::parquet::schema::types::ColumnPath;
 use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
@@ -43,22 +44,60 @@ const DICTIONARY_PAGE_BYTES: usize = 16 * 1024;
 /// partitions held nearly the whole table in memory.
 const ROW_GROUP_ROWS: usize = 128 * 1024;
 
-/// Parquet settings of every data file the engine writes.
-pub(crate) fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
+/// Parquet settings of every data file the engine writes. With `stats_columns`, only those
+/// columns carry min/max statistics: the writer compares every value of a string column with
+/// its page's bounds, which was a tenth of the CPU of writing raw JSON text that nothing ever
+/// filters on (bronze at SF 10: 22.7 against 25.2 CPU seconds without any statistics).
+pub(crate) fn writer_properties(stats_columns: Option<&[String]>) -> WriterProperties {
+    let mut builder = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES)
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .build()
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
+    if let Some(columns) = stats_columns {
+        builder = builder.set_statistics_enabled(EnabledStatistics::None);
+        for column in columns {
+            builder = builder.set_column_statistics_enabled(
+                ColumnPath::from(column.as_str()),
+                EnabledStatistics::Page,
+            );
+        }
+    }
+    builder.build()
 }
 
-/// The table property that carries the target file size, so that writes without a setter
-/// of their own (MERGE reads it from the table) cut files at the same size.
-pub(crate) fn target_file_size_property() -> [(&'static str, Option<String>); 1] {
-    [(
+/// How a write lays out its data files: the table's partition columns, and the columns that
+/// carry statistics (`None`: all of them).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FileLayout<'a> {
+    pub partition_columns: &'a [String],
+    pub stats_columns: Option<&'a [String]>,
+}
+
+/// The table properties a table is created with: the target file size, so that writes
+/// without a setter of their own (MERGE reads it from the table) cut files at the same size,
+/// and the columns with statistics (Delta's `delta.dataSkippingStatsColumns`), so that other
+/// writers of the table (Spark, delta-rs) collect the same ones.
+pub(crate) fn table_properties(
+    stats_columns: Option<&[String]>,
+) -> Vec<(&'static str, Option<String>)> {
+    let mut properties = vec![(
         "delta.targetFileSize",
         Some(DEFAULT_TARGET_FILE_SIZE.get().to_string()),
-    )]
+    )];
+    if let Some(columns) = stats_columns {
+        let quoted: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                if c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
+                    c.clone()
+                } else {
+                    format!("`{}`", c.replace('`', "``"))
+                }
+            })
+            .collect();
+        properties.push(("delta.dataSkippingStatsColumns", Some(quoted.join(","))));
+    }
+    properties
 }
 
 /// An application transaction: `(app_id, version)` recorded in the Delta log with a commit.

@@ -10,7 +10,7 @@ use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 use url::Url;
 
-use super::{AppTransaction, CommitMetrics, DEFAULT_TARGET_FILE_SIZE};
+use super::{AppTransaction, CommitMetrics, DEFAULT_TARGET_FILE_SIZE, FileLayout};
 use crate::error::{EngineError, Result};
 use crate::table;
 
@@ -20,6 +20,7 @@ pub struct OverwriteBuilder {
     url: Url,
     source: DataFrame,
     partition_columns: Vec<String>,
+    stats_columns: Option<Vec<String>>,
     replace_where: Option<String>,
     txn: Option<AppTransaction>,
 }
@@ -30,6 +31,7 @@ impl OverwriteBuilder {
             url,
             source,
             partition_columns: Vec::new(),
+            stats_columns: None,
             replace_where: None,
             txn: None,
         }
@@ -50,6 +52,15 @@ impl OverwriteBuilder {
         self
     }
 
+    /// Only these columns carry min/max statistics (all of them when never called).
+    pub fn with_stats_columns(
+        mut self,
+        columns: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.stats_columns = Some(columns.into_iter().map(Into::into).collect());
+        self
+    }
+
     pub fn with_transaction(mut self, txn: AppTransaction) -> Self {
         self.txn = Some(txn);
         self
@@ -67,7 +78,10 @@ impl OverwriteBuilder {
             existing,
             self.source,
             SaveMode::Overwrite,
-            &self.partition_columns,
+            FileLayout {
+                partition_columns: &self.partition_columns,
+                stats_columns: self.stats_columns.as_deref(),
+            },
             self.replace_where.as_deref(),
             self.txn.as_ref(),
         )
@@ -81,7 +95,7 @@ pub(crate) async fn write_dataframe(
     existing: Option<DeltaTable>,
     source: DataFrame,
     mode: SaveMode,
-    partition_columns: &[String],
+    layout: FileLayout<'_>,
     replace_where: Option<&str>,
     txn: Option<&AppTransaction>,
 ) -> Result<CommitMetrics> {
@@ -104,9 +118,10 @@ pub(crate) async fn write_dataframe(
         .with_session_state(Arc::new(session_state))
         .with_save_mode(mode)
         .with_target_file_size(Some(DEFAULT_TARGET_FILE_SIZE))
-        .with_writer_properties(super::writer_properties())
-        .with_configuration(super::target_file_size_property())
+        .with_writer_properties(super::writer_properties(layout.stats_columns))
+        .with_configuration(super::table_properties(layout.stats_columns))
         .with_commit_properties(AppTransaction::commit_properties(txn));
+    let partition_columns = layout.partition_columns;
     match (mode, replace_where) {
         (SaveMode::Overwrite, None) => {
             // Even no partition columns is a layout to take: omitted, delta-rs keeps the old.

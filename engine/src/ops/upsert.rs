@@ -11,7 +11,7 @@ use deltalake::protocol::SaveMode;
 use url::Url;
 
 use super::overwrite::write_dataframe;
-use super::{AppTransaction, CommitMetrics};
+use super::{AppTransaction, CommitMetrics, FileLayout};
 use crate::error::{EngineError, Result};
 use crate::table;
 
@@ -23,6 +23,7 @@ pub struct UpsertBuilder {
     keys: Vec<String>,
     winner_order: Vec<String>,
     partition_columns: Vec<String>,
+    stats_columns: Option<Vec<String>>,
     txn: Option<AppTransaction>,
     source_key_nulls: Option<bool>,
     target: Option<DeltaTable>,
@@ -36,6 +37,7 @@ impl UpsertBuilder {
             keys,
             winner_order: Vec::new(),
             partition_columns: Vec::new(),
+            stats_columns: None,
             txn: None,
             source_key_nulls: None,
             target: None,
@@ -52,6 +54,13 @@ impl UpsertBuilder {
 
     pub fn with_partition_columns(mut self, columns: Vec<String>) -> Self {
         self.partition_columns = columns;
+        self
+    }
+
+    /// Only these columns carry min/max statistics (all of them when never called); the
+    /// columns of `keys` should be among them, as MERGE skips files by their key ranges.
+    pub fn with_stats_columns(mut self, columns: Option<Vec<String>>) -> Self {
+        self.stats_columns = columns;
         self
     }
 
@@ -86,7 +95,10 @@ impl UpsertBuilder {
                 None,
                 self.source,
                 SaveMode::Append,
-                &self.partition_columns,
+                FileLayout {
+                    partition_columns: &self.partition_columns,
+                    stats_columns: self.stats_columns.as_deref(),
+                },
                 None,
                 self.txn.as_ref(),
             )
@@ -132,7 +144,7 @@ impl UpsertBuilder {
             .with_source_alias("source")
             .with_target_alias("target")
             .with_session_state(session)
-            .with_writer_properties(super::writer_properties())
+            .with_writer_properties(super::writer_properties(self.stats_columns.as_deref()))
             .with_commit_properties(AppTransaction::commit_properties(self.txn.as_ref()))
             .when_matched_update(|update| {
                 columns.iter().fold(update.predicate(wins), |u, c| {

@@ -162,8 +162,18 @@ async fn stage_table(
 
     let schema = bronze_schema(&source);
     let source = Arc::new(source);
+    // Statistics on the ingest metadata alone: silver selects its batch by `_ingest_ts`, and
+    // nothing filters on the raw text of the source's columns.
+    let payload = source.data_columns();
     let builder = AppendBuilder::new(url, Arc::clone(&schema))
         .with_partition_columns([INGEST_DATE])
+        .with_stats_columns(
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .filter(|name| !payload.contains(name)),
+        )
         .with_target_file_size(run.pipeline.target_file_size());
     let metadata = Arc::new(IngestMetadata {
         ingest_ts: run.started_at.timestamp_micros(),

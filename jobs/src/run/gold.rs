@@ -609,6 +609,9 @@ async fn run_model(
     let mut overwrite = OverwriteBuilder::new(url.clone(), source)
         .with_partition_columns(spec.partition_by.clone())
         .with_transaction(run.transaction(Layer::Gold, &name, seq));
+    if let Some(columns) = &spec.stats_columns {
+        overwrite = overwrite.with_stats_columns(columns.clone());
+    }
     if let Some(predicate) = replace_where {
         overwrite = overwrite.with_replace_where(predicate);
     }

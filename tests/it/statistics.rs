@@ -1,0 +1,144 @@
+//! Which columns of a table's data files carry min/max statistics: bronze only its ingest
+//! metadata, a silver or gold table with `stats_columns` only those (and its key), any other
+//! table every column. The Parquet footers and the Delta log must agree.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
+use medallion_tests::{Scratch, run_all_ok};
+
+/// The columns with min/max statistics in some row group of some data file of the table, and
+/// those without them in at least one.
+fn parquet_statistics(table: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut with, mut without) = (BTreeSet::new(), BTreeSet::new());
+    let mut files = 0;
+    let mut stack = vec![table.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)
+            .expect("read table folder")
+            .flatten()
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                if !path.ends_with("_delta_log") {
+                    stack.push(path);
+                }
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "parquet") {
+                continue;
+            }
+            files += 1;
+            let reader = SerializedFileReader::new(std::fs::File::open(&path).expect("open"))
+                .expect("a Parquet file");
+            for group in reader.metadata().row_groups() {
+                for column in group.columns() {
+                    let name = column.column_path().string();
+                    if column
+                        .statistics()
+                        .is_some_and(|s| s.min_bytes_opt().is_some())
+                    {
+                        with.insert(name);
+                    } else {
+                        without.insert(name);
+                    }
+                }
+            }
+        }
+    }
+    assert!(files > 0, "{} has no data files", table.display());
+    (with, without)
+}
+
+/// The columns with a minimum in the Delta log's statistics of the table's data files, and
+/// the table's `delta.dataSkippingStatsColumns`.
+fn log_statistics(table: &Path) -> (BTreeSet<String>, Option<String>) {
+    let mut columns = BTreeSet::new();
+    let mut property = None;
+    for entry in std::fs::read_dir(table.join("_delta_log"))
+        .expect("log")
+        .flatten()
+    {
+        if entry.path().extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        for line in std::fs::read_to_string(entry.path())
+            .expect("read log")
+            .lines()
+        {
+            let action: serde_json::Value = serde_json::from_str(line).expect("a log action");
+            if let Some(stats) = action["add"]["stats"].as_str() {
+                let stats: serde_json::Value = serde_json::from_str(stats).expect("stats");
+                if let Some(min) = stats["minValues"].as_object() {
+                    columns.extend(min.keys().cloned());
+                }
+            }
+            if let Some(p) =
+                action["metaData"]["configuration"]["delta.dataSkippingStatsColumns"].as_str()
+            {
+                property = Some(p.to_string());
+            }
+        }
+    }
+    (columns, property)
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| (*s).to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_columns_that_readers_filter_on_carry_statistics() {
+    let s = Scratch::new();
+    medallion_tests::generate_landing(&s.landing(), 0.001, 1, 5);
+    run_all_ok(&s.landing(), &s.lake()).await;
+    let lake = s.lake();
+
+    // Bronze: the ingest metadata has statistics (silver selects its batch by `_ingest_ts`),
+    // the raw text does not.
+    let (with, without) = parquet_statistics(&lake.join("bronze/events"));
+    assert!(
+        with.contains("_ingest_ts") && with.contains("_source_file"),
+        "{with:?}"
+    );
+    assert!(
+        without.contains("value") && !with.contains("value"),
+        "{with:?} / {without:?}"
+    );
+    let (logged, property) = log_statistics(&lake.join("bronze/orders"));
+    assert!(logged.contains("_ingest_ts"), "{logged:?}");
+    for payload in ["order_id", "customer_id", "unit_price", "status"] {
+        assert!(
+            !logged.contains(payload),
+            "bronze.orders logs stats of {payload}: {logged:?}"
+        );
+    }
+    assert!(property.is_some_and(|p| p.contains("_ingest_ts") && !p.contains("order_id")));
+
+    // Silver events declares `stats_columns = ["event_ts"]`: those and its key, nothing else.
+    let (with, without) = parquet_statistics(&lake.join("silver/events"));
+    assert_eq!(with, set(&["event_id", "event_ts"]));
+    assert!(
+        without.contains("properties") && without.contains("session_id"),
+        "{without:?}"
+    );
+    let (logged, property) = log_statistics(&lake.join("silver/events"));
+    assert_eq!(logged, set(&["event_id", "event_ts"]));
+    assert_eq!(property.as_deref(), Some("event_id,event_ts"));
+
+    // Silver orders declares none: every column keeps its statistics, as before.
+    let (with, _) = parquet_statistics(&lake.join("silver/orders"));
+    for column in [
+        "order_id",
+        "customer_id",
+        "status",
+        "order_ts",
+        "unit_price",
+    ] {
+        assert!(
+            with.contains(column),
+            "silver.orders lacks stats of {column}: {with:?}"
+        );
+    }
+}
