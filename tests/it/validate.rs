@@ -40,26 +40,39 @@ fn the_commerce_pipeline_is_valid() {
     assert_eq!(builtin.status.code(), Some(0));
 }
 
-#[test]
-fn an_unknown_key_column_is_reported_with_its_line() {
-    let s = broken_pipeline(|d| {
-        replace(
-            &d.join("pipeline.toml"),
-            "key = [\"order_id\"]",
-            "key = [\"order_idx\"]",
-        )
-    });
+/// Replaces `from` with `to` in pipeline.toml and asserts that validate fails with `message`
+/// at the line of the `table = "<table>"` declaration followed by `from`.
+fn assert_column_reported(from: &str, to: &str, table: &str, message: &str) {
+    let s = broken_pipeline(|d| replace(&d.join("pipeline.toml"), from, to));
     let (code, stderr) = validate(s.dir.path());
     assert_eq!(code, Some(2), "{stderr}");
     let line = line_of(
         &s.dir.path().join("pipeline.toml"),
-        "table = \"orders\"\nfrom",
+        &format!("table = \"{table}\"\nfrom"),
     );
     assert!(
-        stderr.contains(&format!(
-            "pipeline.toml:{line}: silver table 'orders': key column 'order_idx' is not produced by"
-        )),
+        stderr.contains(&format!("pipeline.toml:{line}: {message}")),
         "{stderr}"
+    );
+}
+
+#[test]
+fn an_unknown_key_column_is_reported_with_its_line() {
+    assert_column_reported(
+        "key = [\"order_id\"]",
+        "key = [\"order_idx\"]",
+        "orders",
+        "silver table 'orders': key column 'order_idx' is not produced by",
+    );
+}
+
+#[test]
+fn an_unknown_stats_column_is_reported_with_its_line() {
+    assert_column_reported(
+        "stats_columns = [\"event_ts\"]",
+        "stats_columns = [\"event_time\"]",
+        "events",
+        "silver table 'events': stats column 'event_time' is not produced by",
     );
 }
 
@@ -215,27 +228,4 @@ fn datafusion_settings_come_from_its_environment_over_medallions_defaults() {
         "0.8",
     )];
     assert_eq!(setting(&overridden), "value\n0.8");
-}
-
-#[test]
-fn an_unknown_stats_column_is_reported_with_its_line() {
-    let s = broken_pipeline(|d| {
-        replace(
-            &d.join("pipeline.toml"),
-            "stats_columns = [\"event_ts\"]",
-            "stats_columns = [\"event_time\"]",
-        )
-    });
-    let (code, stderr) = validate(s.dir.path());
-    assert_eq!(code, Some(2), "{stderr}");
-    let line = line_of(
-        &s.dir.path().join("pipeline.toml"),
-        "table = \"events\"\nfrom",
-    );
-    assert!(
-        stderr.contains(&format!(
-            "pipeline.toml:{line}: silver table 'events': stats column 'event_time' is not produced by"
-        )),
-        "{stderr}"
-    );
 }

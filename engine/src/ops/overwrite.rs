@@ -53,11 +53,8 @@ impl OverwriteBuilder {
     }
 
     /// Only these columns carry min/max statistics (all of them when never called).
-    pub fn with_stats_columns(
-        mut self,
-        columns: impl IntoIterator<Item = impl Into<String>>,
-    ) -> Self {
-        self.stats_columns = Some(columns.into_iter().map(Into::into).collect());
+    pub fn with_stats_columns(mut self, columns: Vec<String>) -> Self {
+        self.stats_columns = Some(columns);
         self
     }
 

@@ -172,7 +172,8 @@ async fn stage_table(
                 .fields()
                 .iter()
                 .map(|f| f.name().clone())
-                .filter(|name| !payload.contains(name)),
+                .filter(|name| !payload.contains(name))
+                .collect(),
         )
         .with_target_file_size(run.pipeline.target_file_size());
     let metadata = Arc::new(IngestMetadata {
