@@ -166,10 +166,9 @@ pub struct SilverSpec {
     #[serde(default)]
     pub partition_by: Vec<String>,
     /// Only these columns of the table's data files carry min/max statistics (Delta's
-    /// `delta.dataSkippingStatsColumns`); unset, all of them do; the
-    /// `key` columns always do, as a MERGE skips files by their key ranges. Statistics let readers skip
-    /// files, but the writer compares every value with them: leave out long text that no
-    /// query filters on.
+    /// `delta.dataSkippingStatsColumns`), and the `key` columns, by which a MERGE skips files;
+    /// unset, all of them do. Statistics let readers skip files, but the writer compares every
+    /// value with them: leave out long text that no query filters on.
     #[serde(default)]
     pub stats_columns: Option<Vec<String>>,
     /// Columns computed from each bronze row before the rules, visible to the rules and to
@@ -193,15 +192,6 @@ impl SilverSpec {
         self.quarantine_table
             .clone()
             .unwrap_or_else(|| format!("{}_quarantine", self.table.get_ref()))
-    }
-
-    /// The columns with statistics: the configured ones and the key, or `None` for all.
-    pub fn stats_columns(&self) -> Option<Vec<String>> {
-        self.stats_columns.as_ref().map(|configured| {
-            let mut columns = self.key.clone();
-            columns.extend(configured.iter().filter(|c| !self.key.contains(c)).cloned());
-            columns
-        })
     }
 
     pub fn rules(&self) -> Vec<Rule> {

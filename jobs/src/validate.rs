@@ -291,12 +291,16 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
             }
         };
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let stats_columns = g.stats_columns.clone().unwrap_or_default();
         for (what, col) in g
             .partition_by
             .iter()
             .map(|col| ("partition column", col))
-            .chain(stats_columns.iter().map(|col| ("stats column", col)))
+            .chain(
+                g.stats_columns
+                    .iter()
+                    .flatten()
+                    .map(|col| ("stats column", col)),
+            )
             .filter(|(_, col)| schema.field_with_name(col).is_err())
         {
             c.at(

@@ -57,10 +57,12 @@ impl UpsertBuilder {
         self
     }
 
-    /// Only these columns carry min/max statistics (all of them when never called); the
-    /// columns of `keys` should be among them, as MERGE skips files by their key ranges.
-    pub fn with_stats_columns(mut self, columns: Option<Vec<String>>) -> Self {
-        self.stats_columns = columns;
+    /// Only these columns and the key columns carry min/max statistics (all of them when
+    /// never called): MERGE skips files by their key ranges, so the keys always keep theirs.
+    pub fn with_stats_columns(mut self, columns: Vec<String>) -> Self {
+        let mut with_keys = self.keys.clone();
+        with_keys.extend(columns.into_iter().filter(|c| !self.keys.contains(c)));
+        self.stats_columns = Some(with_keys);
         self
     }
 

@@ -249,8 +249,10 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         .with_source_key_nulls(deduped.has_null_key)
         .with_winner_order(winner_order(spec))
         .with_partition_columns(spec.partition_by.clone())
-        .with_stats_columns(spec.stats_columns())
         .with_transaction(run.transaction(Layer::Silver, &name, seq));
+    if let Some(columns) = &spec.stats_columns {
+        upsert = upsert.with_stats_columns(columns.clone());
+    }
     if let Some(opened) = target {
         upsert = upsert.with_target(opened);
     }
