@@ -3,28 +3,33 @@
 //!
 //! A `row_number() OVER (PARTITION BY key ORDER BY …)` does the same but sorts the whole batch
 //! and walks it row by row; at 3 million events that window was the largest single cost of
-//! silver. Here the rows are first split by a hash of the key into buckets, so that no key
-//! spans two buckets; each bucket is then reduced on its own, with the key and order columns
-//! encoded once in arrow's row format and the winners found in one hash-table pass.
+//! silver. Here the rows are held as they arrive, and an index keeps, per key, the position of
+//! the row that wins so far; the output is each held batch filtered to its winners, in arrival
+//! order. No row is moved until it is output, and then once.
 //!
-//! Memory: the buckets are held under a reservation of the session's memory pool. When the
-//! pool refuses (a `--memory-limit`), every bucket held so far is written to an Arrow IPC spill
-//! file and partitioning goes on; a bucket is read back whole when its turn comes, so what
-//! the reduction holds at once is one bucket per output partition, not the batch. The winners
-//! are never materialised: the output is a table whose partitions reduce their buckets as they
-//! are read, so a write consumes winners while the next bucket is reduced. Reading the output
-//! again (a MERGE reads its source twice) reduces again.
+//! Memory: the rows are held under a reservation of the session's memory pool. When the pool
+//! refuses (a `--memory-limit`), the index is dropped and the rows go to buckets split by a
+//! hash of the key, so that no key spans two buckets; every bucket held so far is written to
+//! an Arrow IPC spill file and partitioning goes on. A bucket is read back whole when its turn
+//! comes and reduced on its own (key and order columns encoded once in arrow's row format, the
+//! winners found in one hash-table pass), so what the reduction holds at once is one bucket per
+//! output partition, not the batch. The winners are never materialised: the output is a table
+//! whose partitions filter or reduce as they are read, so a write consumes winners while the
+//! next are found. Reading the output again (a MERGE reads its source twice) does that again.
 
 use std::fs::File;
 use std::io::BufReader;
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BinaryViewArray, ByteView, GenericByteViewArray, MAX_INLINE_VIEW_LEN,
-    RecordBatch, StringViewArray, UInt32Array,
+    Array, ArrayRef, BinaryViewArray, BooleanArray, BooleanBufferBuilder, ByteView,
+    GenericByteViewArray, MAX_INLINE_VIEW_LEN, RecordBatch, StringViewArray, UInt32Array,
+    make_comparator,
 };
-use datafusion::arrow::buffer::{Buffer, ScalarBuffer};
-use datafusion::arrow::compute::{concat_batches, interleave_record_batch, take_record_batch};
+use datafusion::arrow::buffer::{BooleanBuffer, Buffer, ScalarBuffer};
+use datafusion::arrow::compute::{
+    SortOptions, concat_batches, filter_record_batch, interleave_record_batch, take_record_batch,
+};
 use datafusion::arrow::datatypes::ByteViewType;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::ipc::reader::StreamReader;
@@ -45,6 +50,8 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::StreamExt as _;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as SlotEntry;
 
 use crate::error::Result;
 
@@ -101,7 +108,10 @@ impl DedupBuilder {
     }
 
     /// Emit each bucket's winners ordered on these columns (a partitioned table's partition
-    /// columns), so that a partitioned write receives runs of one partition.
+    /// columns), so that a partitioned write receives runs of one partition. Rows held whole
+    /// (no memory limit reached) come out in arrival order: a partitioned write splits each
+    /// batch by partition itself, and interleaving every row by partition was silver's largest
+    /// copy (13% of its CPU at SF 10).
     pub fn with_cluster_by(mut self, columns: Vec<String>) -> Self {
         self.cluster_by = columns;
         self
@@ -139,25 +149,25 @@ impl DedupBuilder {
             cluster: columns(&self.cluster_by)?,
             schema: Arc::clone(&schema),
         });
-        let store = Arc::new(Mutex::new(BucketStore::new(
+        let intake = Arc::new(Mutex::new(Intake::Held(HeldRows::new(
             Arc::clone(&schema),
-            MemoryConsumer::new("DedupBuckets")
+            MemoryConsumer::new("DedupRows")
                 .with_can_spill(true)
                 .register(task_ctx.memory_pool()),
             Arc::clone(&task_ctx.runtime_env().disk_manager),
-        )));
+        ))));
         let mut tasks = JoinSet::new();
         for mut stream in execute_stream_partitioned(plan, Arc::clone(&task_ctx))? {
-            let (store, reduction) = (Arc::clone(&store), Arc::clone(&reduction));
+            let (intake, reduction) = (Arc::clone(&intake), Arc::clone(&reduction));
             tasks.spawn(async move {
-                let hashing = RandomState::with_seed(0x6d65_6461_6c6c);
                 while let Some(batch) = stream.next().await {
                     let batch = batch?;
                     if batch.num_rows() == 0 {
                         continue;
                     }
-                    let pieces = reduction.split(&batch, &hashing)?;
-                    lock(&store)?.add(pieces)?;
+                    // Hashed outside the lock, which the other partitions' batches wait on.
+                    let hashes = reduction.hash_keys(&batch)?;
+                    lock(&intake)?.add(batch, &hashes, &reduction)?;
                 }
                 Ok::<_, DataFusionError>(())
             });
@@ -165,11 +175,14 @@ impl DedupBuilder {
         while let Some(done) = tasks.join_next().await {
             done.map_err(|e| DataFusionError::Execution(format!("dedup task failed: {e}")))??;
         }
-        let store = Arc::try_unwrap(store)
-            .map_err(|_| DataFusionError::Internal("dedup buckets still shared".into()))?
+        let intake = Arc::try_unwrap(intake)
+            .map_err(|_| DataFusionError::Internal("dedup rows still shared".into()))?
             .into_inner()
-            .map_err(|_| DataFusionError::Internal("dedup buckets poisoned".into()))?;
-        let (buckets, reservation, stats) = store.finish()?;
+            .map_err(|_| DataFusionError::Internal("dedup rows poisoned".into()))?;
+        let (parts, reservation, stats) = match intake {
+            Intake::Held(held) => held.finish(),
+            Intake::Buckets(store) => store.finish()?,
+        };
         let reservation = Arc::new(reservation);
         if stats.spilled_rows > 0 {
             tracing::info!(
@@ -183,7 +196,7 @@ impl DedupBuilder {
             .map(|p| {
                 Arc::new(ReducedPartition {
                     reduction: Arc::clone(&reduction),
-                    buckets: Mutex::new(Some(buckets.iter().skip(p).step_by(n).cloned().collect())),
+                    parts: Mutex::new(Some(parts.iter().skip(p).step_by(n).cloned().collect())),
                     read_once: self.read_once,
                     reservation: Arc::clone(&reservation),
                 }) as Arc<dyn PartitionStream>
@@ -214,20 +227,70 @@ struct Reduction {
 }
 
 impl Reduction {
-    /// A batch's rows by bucket: `(bucket, rows)`, rows in their input order.
-    fn split(
-        &self,
-        batch: &RecordBatch,
-        hashing: &RandomState,
-    ) -> std::result::Result<Pieces, DataFusionError> {
+    /// The hash of every row's key; equal keys hash equal (nulls included).
+    fn hash_keys(&self, batch: &RecordBatch) -> std::result::Result<Vec<u64>, DataFusionError> {
         let keys: Vec<ArrayRef> = self
             .keys
             .iter()
             .map(|i| Arc::clone(batch.column(*i)))
             .collect();
-        let has_null_key = keys.iter().any(|k| k.null_count() > 0);
         let mut hashes = vec![0u64; batch.num_rows()];
-        create_hashes(&keys, hashing, &mut hashes)?;
+        create_hashes(&keys, &RandomState::with_seed(0x6d65_6461_6c6c), &mut hashes)?;
+        Ok(hashes)
+    }
+
+    fn has_null_key(&self, batch: &RecordBatch) -> bool {
+        self.keys.iter().any(|i| batch.column(*i).null_count() > 0)
+    }
+
+    /// Whether two held rows have the same key (a null equals a null: null keys are one key).
+    fn same_key(&self, batches: &[RecordBatch], a: Slot, b: Slot) -> bool {
+        self.compare(&self.keys, batches, a, b)
+            .is_ok_and(|o| o == std::cmp::Ordering::Equal)
+    }
+
+    /// Whether held row `a`, seen after `b`, replaces it: greater on the order columns, or
+    /// equal on them.
+    fn replaces(&self, batches: &[RecordBatch], a: Slot, b: Slot) -> bool {
+        self.compare(&self.order, batches, a, b)
+            .is_ok_and(|o| o != std::cmp::Ordering::Less)
+    }
+
+    /// Two held rows compared on `columns` in turn (ascending, nulls first). Called only for
+    /// rows whose keys hash equal, so building a comparator per call costs little.
+    fn compare(
+        &self,
+        columns: &[usize],
+        batches: &[RecordBatch],
+        a: Slot,
+        b: Slot,
+    ) -> std::result::Result<std::cmp::Ordering, DataFusionError> {
+        let options = SortOptions {
+            descending: false,
+            nulls_first: true,
+        };
+        let (left, right) = (&batches[a.batch as usize], &batches[b.batch as usize]);
+        for c in columns {
+            let cmp = make_comparator(
+                left.column(*c).as_ref(),
+                right.column(*c).as_ref(),
+                options,
+            )?;
+            let ordering = cmp(a.row as usize, b.row as usize);
+            if ordering.is_ne() {
+                return Ok(ordering);
+            }
+        }
+        Ok(std::cmp::Ordering::Equal)
+    }
+
+    /// A batch's rows by bucket: `(bucket, rows)`, rows in their input order.
+    fn split(
+        &self,
+        batch: &RecordBatch,
+        hashes: &[u64],
+    ) -> std::result::Result<Pieces, DataFusionError> {
+        let has_null_key = self.has_null_key(batch);
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); BUCKETS];
         for (r, h) in hashes.iter().enumerate() {
             rows[(*h % BUCKETS as u64) as usize].push(r as u32);
@@ -408,6 +471,243 @@ fn compact_view_array<T: ByteViewType + ?Sized>(
     }
 }
 
+/// The rows while they come in: held whole and indexed by key until the memory pool refuses,
+/// then split into buckets that can spill.
+enum Intake {
+    Held(HeldRows),
+    Buckets(BucketStore),
+}
+
+impl Intake {
+    fn add(
+        &mut self,
+        batch: RecordBatch,
+        hashes: &[u64],
+        reduction: &Reduction,
+    ) -> std::result::Result<(), DataFusionError> {
+        match self {
+            Intake::Held(held) => {
+                // Compacted first, so that what is reserved is what is held.
+                let batch = compact_views(batch)?;
+                if held.admit(&batch, reduction) {
+                    return held.add(batch, hashes, reduction);
+                }
+                tracing::info!(
+                    rows = held.batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+                    "dedup: the memory pool is full; the rows held so far move to buckets that spill"
+                );
+                let mut store = held.to_buckets(reduction)?;
+                store.add(reduction.split(&batch, hashes)?)?;
+                *self = Intake::Buckets(store);
+                Ok(())
+            }
+            Intake::Buckets(store) => store.add(reduction.split(&batch, hashes)?),
+        }
+    }
+}
+
+/// A held row: its batch and row, and its key's hash.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    hash: u64,
+    batch: u32,
+    row: u32,
+}
+
+/// Every row so far, in arrival order, and per key the slot of the row that wins so far.
+struct HeldRows {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    index: HashTable<Slot>,
+    /// What `index` is reserved at.
+    index_bytes: usize,
+    reservation: MemoryReservation,
+    disk: Arc<DiskManager>,
+    has_null_key: bool,
+}
+
+impl HeldRows {
+    fn new(schema: SchemaRef, reservation: MemoryReservation, disk: Arc<DiskManager>) -> Self {
+        Self {
+            schema,
+            batches: Vec::new(),
+            index: HashTable::new(),
+            index_bytes: 0,
+            reservation,
+            disk,
+            has_null_key: false,
+        }
+    }
+
+    /// Reserves memory for `batch` and the index's growth; false when the pool refuses, or
+    /// when a key or order column has a type arrow cannot compare value by value (the row
+    /// format of the buckets can).
+    fn admit(&mut self, batch: &RecordBatch, reduction: &Reduction) -> bool {
+        let comparable = reduction.keys.iter().chain(&reduction.order).all(|c| {
+            let column = batch.column(*c).as_ref();
+            make_comparator(column, column, SortOptions::default()).is_ok()
+        });
+        if !comparable {
+            return false;
+        }
+        let rows = self.index.len() + batch.num_rows();
+        let index_bytes = if rows > self.index.capacity() {
+            // hashbrown doubles to the next power of two buckets at 7/8 load; a byte of
+            // control per bucket.
+            (rows * 8 / 7).next_power_of_two() * (std::mem::size_of::<Slot>() + 1)
+        } else {
+            self.index_bytes
+        };
+        let wanted = batch.get_array_memory_size() + index_bytes.saturating_sub(self.index_bytes);
+        if self.reservation.try_grow(wanted).is_err() {
+            return false;
+        }
+        self.index_bytes = self.index_bytes.max(index_bytes);
+        true
+    }
+
+    fn add(
+        &mut self,
+        batch: RecordBatch,
+        hashes: &[u64],
+        reduction: &Reduction,
+    ) -> std::result::Result<(), DataFusionError> {
+        self.has_null_key |= reduction.has_null_key(&batch);
+        let b = u32::try_from(self.batches.len())
+            .map_err(|_| DataFusionError::Internal("too many dedup batches".into()))?;
+        self.batches.push(batch);
+        let batches = &self.batches;
+        self.index.reserve(hashes.len(), |s| s.hash);
+        for (r, &hash) in hashes.iter().enumerate() {
+            let here = Slot {
+                hash,
+                batch: b,
+                row: r as u32,
+            };
+            let entry = self.index.entry(
+                hash,
+                |s| s.hash == hash && reduction.same_key(batches, *s, here),
+                |s| s.hash,
+            );
+            match entry {
+                SlotEntry::Vacant(v) => {
+                    v.insert(here);
+                }
+                SlotEntry::Occupied(mut o) => {
+                    if reduction.replaces(batches, here, *o.get()) {
+                        *o.get_mut() = here;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool refused: the index goes, and the rows held so far go to buckets (spilling as
+    /// the pool requires), in the order they came.
+    fn to_buckets(
+        &mut self,
+        reduction: &Reduction,
+    ) -> std::result::Result<BucketStore, DataFusionError> {
+        self.index = HashTable::new();
+        self.index_bytes = 0;
+        self.reservation.free();
+        let mut store = BucketStore::new(
+            Arc::clone(&self.schema),
+            self.reservation.new_empty(),
+            Arc::clone(&self.disk),
+        );
+        store.stats.has_null_key = self.has_null_key;
+        for batch in std::mem::take(&mut self.batches) {
+            let hashes = reduction.hash_keys(&batch)?;
+            store.add(reduction.split(&batch, &hashes)?)?;
+        }
+        Ok(store)
+    }
+
+    /// The held batches with the mask of their winners, in runs of about
+    /// [`OUTPUT_BATCH_ROWS`] winners; the index is freed.
+    fn finish(mut self) -> (Vec<Arc<Part>>, MemoryReservation, SpillStats) {
+        let mut masks: Vec<BooleanBufferBuilder> = self
+            .batches
+            .iter()
+            .map(|b| {
+                let mut mask = BooleanBufferBuilder::new(b.num_rows());
+                mask.append_n(b.num_rows(), false);
+                mask
+            })
+            .collect();
+        let mut winners = vec![0usize; self.batches.len()];
+        for slot in std::mem::take(&mut self.index) {
+            masks[slot.batch as usize].set_bit(slot.row as usize, true);
+            winners[slot.batch as usize] += 1;
+        }
+        self.reservation.shrink(self.index_bytes);
+        let mut parts = Vec::new();
+        let mut chunk = Chunk::default();
+        let mut chunk_winners = 0;
+        for ((batch, mask), n) in self.batches.into_iter().zip(&mut masks).zip(winners) {
+            chunk.bytes += batch.get_array_memory_size();
+            chunk.batches.push((batch, mask.finish()));
+            chunk_winners += n;
+            if chunk_winners >= OUTPUT_BATCH_ROWS {
+                parts.push(Arc::new(Part::Chunk(std::mem::take(&mut chunk))));
+                chunk_winners = 0;
+            }
+        }
+        if !chunk.batches.is_empty() {
+            parts.push(Arc::new(Part::Chunk(chunk)));
+        }
+        let stats = SpillStats {
+            has_null_key: self.has_null_key,
+            ..SpillStats::default()
+        };
+        (parts, self.reservation, stats)
+    }
+}
+
+/// Consecutive held batches and which of their rows win.
+#[derive(Default)]
+struct Chunk {
+    batches: Vec<(RecordBatch, BooleanBuffer)>,
+    /// What `batches` holds, as reserved.
+    bytes: usize,
+}
+
+/// What an output partition reads one at a time.
+enum Part {
+    Chunk(Chunk),
+    Bucket(Bucket),
+}
+
+impl Part {
+    fn bytes(&self) -> usize {
+        match self {
+            Part::Chunk(c) => c.bytes,
+            Part::Bucket(b) => b.bytes,
+        }
+    }
+
+    /// The part's winners, in output batches.
+    fn winners(&self, reduction: &Reduction) -> Result<Vec<RecordBatch>> {
+        match self {
+            Part::Chunk(chunk) => {
+                let kept = chunk
+                    .batches
+                    .iter()
+                    .map(|(batch, mask)| {
+                        filter_record_batch(batch, &BooleanArray::new(mask.clone(), None))
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                // One batch per part: a partitioned write splits each batch by partition, and
+                // larger batches give it longer runs to encode.
+                Ok(vec![concat_batches(&reduction.schema, &kept)?])
+            }
+            Part::Bucket(bucket) => reduction.winners(&bucket.load()?),
+        }
+    }
+}
+
 /// Statistics of a finished partitioning.
 #[derive(Debug, Default)]
 struct SpillStats {
@@ -516,7 +816,7 @@ impl BucketStore {
     /// and what was spilled.
     fn finish(
         mut self,
-    ) -> std::result::Result<(Vec<Arc<Bucket>>, MemoryReservation, SpillStats), DataFusionError>
+    ) -> std::result::Result<(Vec<Arc<Part>>, MemoryReservation, SpillStats), DataFusionError>
     {
         let mut out = Vec::with_capacity(self.buckets.len());
         for mut bucket in std::mem::take(&mut self.buckets) {
@@ -535,7 +835,7 @@ impl BucketStore {
                 None => None,
             };
             if spilled.is_some() || !bucket.batches.is_empty() {
-                out.push(Arc::new(Bucket {
+                out.push(Arc::new(Part::Bucket(Bucket {
                     bytes: bucket
                         .batches
                         .iter()
@@ -543,7 +843,7 @@ impl BucketStore {
                         .sum(),
                     in_memory: bucket.batches,
                     spilled,
-                }));
+                })));
             }
         }
         // The buckets stay in memory, and reserved, for as long as the output can be read.
@@ -577,14 +877,14 @@ impl Bucket {
     }
 }
 
-/// One output partition: its buckets, reduced one at a time as the partition is read.
+/// One output partition: its parts (held chunks or buckets), one at a time as it is read.
 struct ReducedPartition {
     reduction: Arc<Reduction>,
     /// `None` once a read-once partition has been read.
-    buckets: Mutex<Option<Vec<Arc<Bucket>>>>,
+    parts: Mutex<Option<Vec<Arc<Part>>>>,
     read_once: bool,
-    /// Released with the last partition: the pool sees the buckets until nothing can read them
-    /// (a read-once partition gives back each bucket's share as it frees it).
+    /// Released with the last partition: the pool sees the parts until nothing can read them
+    /// (a read-once partition gives back each part's share as it frees it).
     reservation: Arc<MemoryReservation>,
 }
 
@@ -603,7 +903,7 @@ impl PartitionStream for ReducedPartition {
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let schema = Arc::clone(&self.reduction.schema);
-        let taken = lock(&self.buckets).and_then(|mut held| {
+        let taken = lock(&self.parts).and_then(|mut held| {
             if self.read_once {
                 held.take()
             } else {
@@ -613,8 +913,8 @@ impl PartitionStream for ReducedPartition {
                 DataFusionError::Internal("a read-once dedup output was read twice".into())
             })
         });
-        let buckets = match taken {
-            Ok(buckets) => buckets,
+        let parts = match taken {
+            Ok(parts) => parts,
             Err(e) => {
                 return Box::pin(RecordBatchStreamAdapter::new(
                     schema,
@@ -624,18 +924,17 @@ impl PartitionStream for ReducedPartition {
         };
         let reduction = Arc::clone(&self.reduction);
         let (reservation, read_once) = (Arc::clone(&self.reservation), self.read_once);
-        let winners = futures::stream::iter(buckets)
-            .map(move |bucket| {
-                let reduced = bucket
-                    .load()
-                    .and_then(|rows| reduction.winners(&rows))
+        let winners = futures::stream::iter(parts)
+            .map(move |part| {
+                let reduced = part
+                    .winners(&reduction)
                     .map_err(|e| DataFusionError::External(Box::new(e)));
                 if read_once {
-                    // This was the bucket's last holder; its winners share its buffers until
+                    // This was the part's last holder; its winners share its buffers until
                     // the write has encoded them.
-                    let _ = reservation.try_shrink(bucket.bytes);
+                    let _ = reservation.try_shrink(part.bytes());
                 }
-                drop(bucket);
+                drop(part);
                 futures::stream::iter(match reduced {
                     Ok(batches) => batches.into_iter().map(Ok).collect::<Vec<_>>(),
                     Err(e) => vec![Err(e)],
@@ -816,6 +1115,66 @@ mod tests {
         // The file name runs 7 rows at a time (rows 3-9 of every 10): one copy per run.
         let file_runs = 50 * file.len();
         assert_eq!(data, own_rows + file_runs);
+    }
+
+    /// Batches that arrive one after another under a limit that holds the first few: the rows
+    /// held so far move to buckets when the pool refuses, and the winners are those of a run
+    /// without a limit, read twice alike.
+    #[tokio::test]
+    async fn rows_held_before_the_pool_refuses_move_to_buckets_and_keep_the_same_winners() {
+        let n = 60_000;
+        let keys: Vec<String> = (0..n).map(|i| format!("key-{:06}", (i * 7) % 25_000)).collect();
+        let ts: Vec<Option<i64>> = (0..n)
+            .map(|i| (i % 11 != 0).then_some((i as i64 * 7919) % 13))
+            .collect();
+        let line: Vec<i64> = (0..n as i64).collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        // Batches of their own, not slices of one (a slice is charged for the whole buffer):
+        // about 200 KB each, so the first two are held and the third finds the pool full.
+        let batches: Vec<RecordBatch> = (0..10)
+            .map(|i| {
+                let rows = i * 6_000..(i + 1) * 6_000;
+                batch(&key_refs[rows.clone()], &ts[rows.clone()], &line[rows])
+            })
+            .collect();
+        let reduce = |limit: Option<usize>| {
+            let batches = batches.clone();
+            async move {
+                let ctx = crate::session::new_session(&crate::session::SessionOptions {
+                    memory_limit: limit,
+                    ..Default::default()
+                })
+                .unwrap();
+                let out = DedupBuilder::new(ctx.read_batches(batches).unwrap(), vec!["k".into()])
+                    .with_winner_order(vec!["ts".into()])
+                    .with_output_partitions(2)
+                    .execute(&ctx)
+                    .await
+                    .unwrap();
+                let first = out.rows.clone().collect().await.unwrap();
+                let second = out.rows.collect().await.unwrap();
+                assert_eq!(lines(&first), lines(&second));
+                (lines(&first), out.spilled_rows)
+            }
+        };
+        let (held, spilled_none) = reduce(None).await;
+        let (moved, spilled_rows) = reduce(Some(1024 * 1024)).await;
+        assert_eq!(held.len(), 25_000);
+        assert_eq!(spilled_none, 0);
+        assert!(spilled_rows > 0, "a 1 MiB limit must spill 60,000 rows");
+        assert_eq!(held, moved);
+        // The winner of each key, computed here: greatest ts (nulls smallest), then last line.
+        let mut best: std::collections::HashMap<&str, (Option<i64>, i64)> = Default::default();
+        for i in 0..n {
+            let here = (ts[i], line[i]);
+            let e = best.entry(key_refs[i]).or_insert(here);
+            if here >= *e {
+                *e = here;
+            }
+        }
+        let mut expected: Vec<i64> = best.values().map(|(_, l)| *l).collect();
+        expected.sort_unstable();
+        assert_eq!(held, expected);
     }
 
     /// Many keys, each sent several times, reduced with and without a memory limit far below
