@@ -301,6 +301,15 @@ def main():
     ap.add_argument("--work", default=os.path.join(CACHE, "bench"))
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
+    # The gold check runs at the end: an interpreter without duckdb (this folder's `duckdb/`
+    # then imports as an empty namespace) would fail it after every run had been paid for.
+    try:
+        import duckdb
+
+        duckdb.connect().close()
+    except (ImportError, AttributeError) as missing:
+        raise SystemExit(f"run.py needs duckdb for the gold check ({missing}): run it with "
+                         f"{os.path.join(CACHE, 'bench-venv', 'bin', 'python')}")
 
     tag = f"sf{args.scale:g}"
     work = os.path.join(args.work, tag)
