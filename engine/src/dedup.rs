@@ -235,7 +235,11 @@ impl Reduction {
             .map(|i| Arc::clone(batch.column(*i)))
             .collect();
         let mut hashes = vec![0u64; batch.num_rows()];
-        create_hashes(&keys, &RandomState::with_seed(0x6d65_6461_6c6c), &mut hashes)?;
+        create_hashes(
+            &keys,
+            &RandomState::with_seed(0x6d65_6461_6c6c),
+            &mut hashes,
+        )?;
         Ok(hashes)
     }
 
@@ -271,11 +275,8 @@ impl Reduction {
         };
         let (left, right) = (&batches[a.batch as usize], &batches[b.batch as usize]);
         for c in columns {
-            let cmp = make_comparator(
-                left.column(*c).as_ref(),
-                right.column(*c).as_ref(),
-                options,
-            )?;
+            let cmp =
+                make_comparator(left.column(*c).as_ref(), right.column(*c).as_ref(), options)?;
             let ordering = cmp(a.row as usize, b.row as usize);
             if ordering.is_ne() {
                 return Ok(ordering);
@@ -493,10 +494,14 @@ impl Intake {
                     return held.add(batch, hashes, reduction);
                 }
                 tracing::info!(
-                    rows = held.batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+                    rows = held
+                        .batches
+                        .iter()
+                        .map(RecordBatch::num_rows)
+                        .sum::<usize>(),
                     "dedup: the memory pool is full; the rows held so far move to buckets that spill"
                 );
-                let mut store = held.to_buckets(reduction)?;
+                let mut store = held.move_to_buckets(reduction)?;
                 store.add(reduction.split(&batch, hashes)?)?;
                 *self = Intake::Buckets(store);
                 Ok(())
@@ -605,7 +610,7 @@ impl HeldRows {
 
     /// The pool refused: the index goes, and the rows held so far go to buckets (spilling as
     /// the pool requires), in the order they came.
-    fn to_buckets(
+    fn move_to_buckets(
         &mut self,
         reduction: &Reduction,
     ) -> std::result::Result<BucketStore, DataFusionError> {
@@ -816,8 +821,7 @@ impl BucketStore {
     /// and what was spilled.
     fn finish(
         mut self,
-    ) -> std::result::Result<(Vec<Arc<Part>>, MemoryReservation, SpillStats), DataFusionError>
-    {
+    ) -> std::result::Result<(Vec<Arc<Part>>, MemoryReservation, SpillStats), DataFusionError> {
         let mut out = Vec::with_capacity(self.buckets.len());
         for mut bucket in std::mem::take(&mut self.buckets) {
             if !bucket.pieces.is_empty() {
@@ -1117,13 +1121,40 @@ mod tests {
         assert_eq!(data, own_rows + file_runs);
     }
 
+    /// The winners' lines of `batches` reduced by `k` on `order` under a memory limit, read
+    /// twice as a MERGE does (the same rows both times), and the rows spilled.
+    async fn reduce_under(
+        batches: Vec<RecordBatch>,
+        order: &[&str],
+        partitions: usize,
+        limit: Option<usize>,
+    ) -> (Vec<i64>, u64) {
+        let ctx = crate::session::new_session(&crate::session::SessionOptions {
+            memory_limit: limit,
+            ..Default::default()
+        })
+        .unwrap();
+        let out = DedupBuilder::new(ctx.read_batches(batches).unwrap(), vec!["k".into()])
+            .with_winner_order(order.iter().map(|c| (*c).to_string()).collect())
+            .with_output_partitions(partitions)
+            .execute(&ctx)
+            .await
+            .unwrap();
+        let first = out.rows.clone().collect().await.unwrap();
+        let second = out.rows.collect().await.unwrap();
+        assert_eq!(lines(&first), lines(&second));
+        (lines(&first), out.spilled_rows)
+    }
+
     /// Batches that arrive one after another under a limit that holds the first few: the rows
     /// held so far move to buckets when the pool refuses, and the winners are those of a run
     /// without a limit, read twice alike.
     #[tokio::test]
     async fn rows_held_before_the_pool_refuses_move_to_buckets_and_keep_the_same_winners() {
         let n = 60_000;
-        let keys: Vec<String> = (0..n).map(|i| format!("key-{:06}", (i * 7) % 25_000)).collect();
+        let keys: Vec<String> = (0..n)
+            .map(|i| format!("key-{:06}", (i * 7) % 25_000))
+            .collect();
         let ts: Vec<Option<i64>> = (0..n)
             .map(|i| (i % 11 != 0).then_some((i as i64 * 7919) % 13))
             .collect();
@@ -1137,26 +1168,7 @@ mod tests {
                 batch(&key_refs[rows.clone()], &ts[rows.clone()], &line[rows])
             })
             .collect();
-        let reduce = |limit: Option<usize>| {
-            let batches = batches.clone();
-            async move {
-                let ctx = crate::session::new_session(&crate::session::SessionOptions {
-                    memory_limit: limit,
-                    ..Default::default()
-                })
-                .unwrap();
-                let out = DedupBuilder::new(ctx.read_batches(batches).unwrap(), vec!["k".into()])
-                    .with_winner_order(vec!["ts".into()])
-                    .with_output_partitions(2)
-                    .execute(&ctx)
-                    .await
-                    .unwrap();
-                let first = out.rows.clone().collect().await.unwrap();
-                let second = out.rows.collect().await.unwrap();
-                assert_eq!(lines(&first), lines(&second));
-                (lines(&first), out.spilled_rows)
-            }
-        };
+        let reduce = |limit| reduce_under(batches.clone(), &["ts"], 2, limit);
         let (held, spilled_none) = reduce(None).await;
         let (moved, spilled_rows) = reduce(Some(1024 * 1024)).await;
         assert_eq!(held.len(), 25_000);
@@ -1187,28 +1199,7 @@ mod tests {
         let line: Vec<i64> = (0..n as i64).collect();
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let input = batch(&key_refs, &ts, &line);
-        let reduce = |limit: Option<usize>| {
-            let input = input.clone();
-            async move {
-                let ctx = crate::session::new_session(&crate::session::SessionOptions {
-                    memory_limit: limit,
-                    ..Default::default()
-                })
-                .unwrap();
-                let df = ctx.read_batch(input).unwrap();
-                let out = DedupBuilder::new(df, vec!["k".into()])
-                    .with_winner_order(vec!["ts".into(), "line".into()])
-                    .with_output_partitions(3)
-                    .execute(&ctx)
-                    .await
-                    .unwrap();
-                // Read twice, as a MERGE does: the same rows both times.
-                let first = out.rows.clone().collect().await.unwrap();
-                let second = out.rows.collect().await.unwrap();
-                assert_eq!(lines(&first), lines(&second));
-                (lines(&first), out.spilled_rows)
-            }
-        };
+        let reduce = |limit| reduce_under(vec![input.clone()], &["ts", "line"], 3, limit);
         let (in_memory, spilled_none) = reduce(None).await;
         let (spilled, spilled_rows) = reduce(Some(64 * 1024)).await;
         assert_eq!(in_memory.len(), 20_000);
