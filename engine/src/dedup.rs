@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use datafusion::arrow::array::{
     Array, ArrayRef, BinaryViewArray, BooleanArray, BooleanBufferBuilder, ByteView,
     GenericByteViewArray, MAX_INLINE_VIEW_LEN, RecordBatch, StringViewArray, UInt32Array,
-    make_comparator,
+    make_comparator, new_empty_array,
 };
 use datafusion::arrow::buffer::{BooleanBuffer, Buffer, ScalarBuffer};
 use datafusion::arrow::compute::{
@@ -149,13 +149,13 @@ impl DedupBuilder {
             cluster: columns(&self.cluster_by)?,
             schema: Arc::clone(&schema),
         });
-        let intake = Arc::new(Mutex::new(Intake::Held(HeldRows::new(
-            Arc::clone(&schema),
+        let intake = Arc::new(Mutex::new(Intake::new(
+            &reduction,
             MemoryConsumer::new("DedupRows")
                 .with_can_spill(true)
                 .register(task_ctx.memory_pool()),
             Arc::clone(&task_ctx.runtime_env().disk_manager),
-        ))));
+        )));
         let mut tasks = JoinSet::new();
         for mut stream in execute_stream_partitioned(plan, Arc::clone(&task_ctx))? {
             let (intake, reduction) = (Arc::clone(&intake), Arc::clone(&reduction));
@@ -261,7 +261,8 @@ impl Reduction {
     }
 
     /// Two held rows compared on `columns` in turn (ascending, nulls first). Called only for
-    /// rows whose keys hash equal, so building a comparator per call costs little.
+    /// rows whose keys hash equal, so building a comparator per call costs little; rows are
+    /// held only when every such column has one (`Intake::new`), so it does not fail.
     fn compare(
         &self,
         columns: &[usize],
@@ -480,6 +481,21 @@ enum Intake {
 }
 
 impl Intake {
+    /// Held rows when arrow can compare every key and order column value by value (decided
+    /// once, from the schema); otherwise buckets from the start, whose row format can.
+    fn new(reduction: &Reduction, reservation: MemoryReservation, disk: Arc<DiskManager>) -> Self {
+        let schema = Arc::clone(&reduction.schema);
+        let comparable = reduction.keys.iter().chain(&reduction.order).all(|c| {
+            let empty = new_empty_array(schema.field(*c).data_type());
+            make_comparator(empty.as_ref(), empty.as_ref(), SortOptions::default()).is_ok()
+        });
+        if comparable {
+            Intake::Held(HeldRows::new(schema, reservation, disk))
+        } else {
+            Intake::Buckets(BucketStore::new(schema, reservation, disk))
+        }
+    }
+
     fn add(
         &mut self,
         batch: RecordBatch,
@@ -490,7 +506,7 @@ impl Intake {
             Intake::Held(held) => {
                 // Compacted first, so that what is reserved is what is held.
                 let batch = compact_views(batch)?;
-                if held.admit(&batch, reduction) {
+                if held.admit(&batch) {
                     return held.add(batch, hashes, reduction);
                 }
                 tracing::info!(
@@ -544,17 +560,8 @@ impl HeldRows {
         }
     }
 
-    /// Reserves memory for `batch` and the index's growth; false when the pool refuses, or
-    /// when a key or order column has a type arrow cannot compare value by value (the row
-    /// format of the buckets can).
-    fn admit(&mut self, batch: &RecordBatch, reduction: &Reduction) -> bool {
-        let comparable = reduction.keys.iter().chain(&reduction.order).all(|c| {
-            let column = batch.column(*c).as_ref();
-            make_comparator(column, column, SortOptions::default()).is_ok()
-        });
-        if !comparable {
-            return false;
-        }
+    /// Reserves memory for `batch` and the index's growth; false when the pool refuses.
+    fn admit(&mut self, batch: &RecordBatch) -> bool {
         let rows = self.index.len() + batch.num_rows();
         let index_bytes = if rows > self.index.capacity() {
             // hashbrown doubles to the next power of two buckets at 7/8 load; a byte of
