@@ -73,6 +73,7 @@ pub struct DedupBuilder {
     cluster_by: Vec<String>,
     output_partitions: usize,
     read_once: bool,
+    expected_rows: usize,
 }
 
 /// The result of a [`DedupBuilder`].
@@ -97,6 +98,7 @@ impl DedupBuilder {
             cluster_by: Vec::new(),
             output_partitions: 1,
             read_once: false,
+            expected_rows: 0,
         }
     }
 
@@ -132,6 +134,16 @@ impl DedupBuilder {
         self
     }
 
+    /// About how many rows the source has (a count taken before the source is run). The
+    /// index of winners is sized for them once: grown by doubling, each larger table was
+    /// fresh memory that the kernel zeroed, and at 30 million rows the page faults of the
+    /// tables outgrown were a twentieth of silver's CPU. A wrong guess costs memory or a
+    /// doubling, never a wrong result.
+    pub fn with_expected_rows(mut self, rows: usize) -> Self {
+        self.expected_rows = rows;
+        self
+    }
+
     /// Runs the source into buckets and returns a table that reduces them as it is read.
     pub async fn execute(self, ctx: &SessionContext) -> Result<Deduplicated> {
         let task_ctx = ctx.task_ctx();
@@ -155,6 +167,7 @@ impl DedupBuilder {
                 .with_can_spill(true)
                 .register(task_ctx.memory_pool()),
             Arc::clone(&task_ctx.runtime_env().disk_manager),
+            self.expected_rows,
         )));
         let mut tasks = JoinSet::new();
         for mut stream in execute_stream_partitioned(plan, Arc::clone(&task_ctx))? {
@@ -165,9 +178,11 @@ impl DedupBuilder {
                     if batch.num_rows() == 0 {
                         continue;
                     }
-                    // Hashed outside the lock, which the other partitions' batches wait on.
+                    // Compacted (so that what is reserved is what is held) and hashed outside
+                    // the lock, which the other partitions' batches wait on.
+                    let batch = compact_views(batch)?;
                     let hashes = reduction.hash_keys(&batch)?;
-                    lock(&intake)?.add(batch, &hashes, &reduction)?;
+                    lock(&intake)?.add(batch, hashes, &reduction)?;
                 }
                 Ok::<_, DataFusionError>(())
             });
@@ -483,14 +498,19 @@ enum Intake {
 impl Intake {
     /// Held rows when arrow can compare every key and order column value by value (decided
     /// once, from the schema); otherwise buckets from the start, whose row format can.
-    fn new(reduction: &Reduction, reservation: MemoryReservation, disk: Arc<DiskManager>) -> Self {
+    fn new(
+        reduction: &Reduction,
+        reservation: MemoryReservation,
+        disk: Arc<DiskManager>,
+        expected_rows: usize,
+    ) -> Self {
         let schema = Arc::clone(&reduction.schema);
         let comparable = reduction.keys.iter().chain(&reduction.order).all(|c| {
             let empty = new_empty_array(schema.field(*c).data_type());
             make_comparator(empty.as_ref(), empty.as_ref(), SortOptions::default()).is_ok()
         });
         if comparable {
-            Intake::Held(HeldRows::new(schema, reservation, disk))
+            Intake::Held(HeldRows::new(schema, reservation, disk, expected_rows))
         } else {
             Intake::Buckets(BucketStore::new(schema, reservation, disk))
         }
@@ -499,13 +519,11 @@ impl Intake {
     fn add(
         &mut self,
         batch: RecordBatch,
-        hashes: &[u64],
+        hashes: Vec<u64>,
         reduction: &Reduction,
     ) -> std::result::Result<(), DataFusionError> {
         match self {
             Intake::Held(held) => {
-                // Compacted first, so that what is reserved is what is held.
-                let batch = compact_views(batch)?;
                 if held.admit(&batch) {
                     return held.add(batch, hashes, reduction);
                 }
@@ -518,19 +536,20 @@ impl Intake {
                     "dedup: the memory pool is full; the rows held so far move to buckets that spill"
                 );
                 let mut store = held.move_to_buckets(reduction)?;
-                store.add(reduction.split(&batch, hashes)?)?;
+                store.add(reduction.split(&batch, &hashes)?)?;
                 *self = Intake::Buckets(store);
                 Ok(())
             }
-            Intake::Buckets(store) => store.add(reduction.split(&batch, hashes)?),
+            Intake::Buckets(store) => store.add(reduction.split(&batch, &hashes)?),
         }
     }
 }
 
-/// A held row: its batch and row, and its key's hash.
+/// A held row: its batch and row. Its key's hash is in [`HeldRows::hashes`], read only when
+/// the index grows or two keys share hashbrown's 7-bit tag: 8 bytes per row held in order,
+/// where a hash in the slot took 8 bytes per bucket (up to 2.3 buckets per row).
 #[derive(Debug, Clone, Copy)]
 struct Slot {
-    hash: u64,
     batch: u32,
     row: u32,
 }
@@ -539,30 +558,47 @@ struct Slot {
 struct HeldRows {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
+    /// The key hash of every row of `batches`.
+    hashes: Vec<Vec<u64>>,
     index: HashTable<Slot>,
     /// What `index` is reserved at.
     index_bytes: usize,
+    /// Rows the index is sized for at once (see [`DedupBuilder::with_expected_rows`]).
+    expected_rows: usize,
     reservation: MemoryReservation,
     disk: Arc<DiskManager>,
     has_null_key: bool,
 }
 
 impl HeldRows {
-    fn new(schema: SchemaRef, reservation: MemoryReservation, disk: Arc<DiskManager>) -> Self {
+    fn new(
+        schema: SchemaRef,
+        reservation: MemoryReservation,
+        disk: Arc<DiskManager>,
+        expected_rows: usize,
+    ) -> Self {
         Self {
             schema,
             batches: Vec::new(),
+            hashes: Vec::new(),
             index: HashTable::new(),
             index_bytes: 0,
+            expected_rows,
             reservation,
             disk,
             has_null_key: false,
         }
     }
 
-    /// Reserves memory for `batch` and the index's growth; false when the pool refuses.
+    /// Keys the index must have room for once `rows` more are added.
+    fn capacity_for(&self, rows: usize) -> usize {
+        (self.index.len() + rows).max(self.expected_rows)
+    }
+
+    /// Reserves memory for `batch`, its hashes and the index's growth; false when the pool
+    /// refuses.
     fn admit(&mut self, batch: &RecordBatch) -> bool {
-        let rows = self.index.len() + batch.num_rows();
+        let rows = self.capacity_for(batch.num_rows());
         let index_bytes = if rows > self.index.capacity() {
             // hashbrown doubles to the next power of two buckets at 7/8 load; a byte of
             // control per bucket.
@@ -570,7 +606,9 @@ impl HeldRows {
         } else {
             self.index_bytes
         };
-        let wanted = batch.get_array_memory_size() + index_bytes.saturating_sub(self.index_bytes);
+        let wanted = batch.get_array_memory_size()
+            + batch.num_rows() * std::mem::size_of::<u64>()
+            + index_bytes.saturating_sub(self.index_bytes);
         if self.reservation.try_grow(wanted).is_err() {
             return false;
         }
@@ -581,25 +619,27 @@ impl HeldRows {
     fn add(
         &mut self,
         batch: RecordBatch,
-        hashes: &[u64],
+        hashes: Vec<u64>,
         reduction: &Reduction,
     ) -> std::result::Result<(), DataFusionError> {
         self.has_null_key |= reduction.has_null_key(&batch);
         let b = u32::try_from(self.batches.len())
             .map_err(|_| DataFusionError::Internal("too many dedup batches".into()))?;
+        let room = self.capacity_for(hashes.len()) - self.index.len();
         self.batches.push(batch);
-        let batches = &self.batches;
-        self.index.reserve(hashes.len(), |s| s.hash);
-        for (r, &hash) in hashes.iter().enumerate() {
+        self.hashes.push(hashes);
+        let (batches, held_hashes) = (&self.batches, &self.hashes);
+        let hash_of = |s: &Slot| held_hashes[s.batch as usize][s.row as usize];
+        self.index.reserve(room, hash_of);
+        for (r, &hash) in held_hashes[b as usize].iter().enumerate() {
             let here = Slot {
-                hash,
                 batch: b,
                 row: r as u32,
             };
             let entry = self.index.entry(
                 hash,
-                |s| s.hash == hash && reduction.same_key(batches, *s, here),
-                |s| s.hash,
+                |s| hash_of(s) == hash && reduction.same_key(batches, *s, here),
+                hash_of,
             );
             match entry {
                 SlotEntry::Vacant(v) => {
@@ -624,14 +664,14 @@ impl HeldRows {
         self.index = HashTable::new();
         self.index_bytes = 0;
         self.reservation.free();
+        let hashes = std::mem::take(&mut self.hashes);
         let mut store = BucketStore::new(
             Arc::clone(&self.schema),
             self.reservation.new_empty(),
             Arc::clone(&self.disk),
         );
         store.stats.has_null_key = self.has_null_key;
-        for batch in std::mem::take(&mut self.batches) {
-            let hashes = reduction.hash_keys(&batch)?;
+        for (batch, hashes) in std::mem::take(&mut self.batches).into_iter().zip(hashes) {
             store.add(reduction.split(&batch, &hashes)?)?;
         }
         Ok(store)
@@ -654,7 +694,10 @@ impl HeldRows {
             masks[slot.batch as usize].set_bit(slot.row as usize, true);
             winners[slot.batch as usize] += 1;
         }
-        self.reservation.shrink(self.index_bytes);
+        let hashes: usize = self.hashes.iter().map(Vec::len).sum();
+        self.hashes = Vec::new();
+        self.reservation
+            .shrink(self.index_bytes + hashes * std::mem::size_of::<u64>());
         let mut parts = Vec::new();
         let mut chunk = Chunk::default();
         let mut chunk_winners = 0;
@@ -1128,13 +1171,15 @@ mod tests {
         assert_eq!(data, own_rows + file_runs);
     }
 
-    /// The winners' lines of `batches` reduced by `k` on `order` under a memory limit, read
-    /// twice as a MERGE does (the same rows both times), and the rows spilled.
+    /// The winners' lines of `batches` reduced by `k` on `order` under a memory limit, with
+    /// the index sized for `expected_rows`, read twice as a MERGE does (the same rows both
+    /// times), and the rows spilled.
     async fn reduce_under(
         batches: Vec<RecordBatch>,
         order: &[&str],
         partitions: usize,
         limit: Option<usize>,
+        expected_rows: usize,
     ) -> (Vec<i64>, u64) {
         let ctx = crate::session::new_session(&crate::session::SessionOptions {
             memory_limit: limit,
@@ -1144,6 +1189,7 @@ mod tests {
         let out = DedupBuilder::new(ctx.read_batches(batches).unwrap(), vec!["k".into()])
             .with_winner_order(order.iter().map(|c| (*c).to_string()).collect())
             .with_output_partitions(partitions)
+            .with_expected_rows(expected_rows)
             .execute(&ctx)
             .await
             .unwrap();
@@ -1175,13 +1221,21 @@ mod tests {
                 batch(&key_refs[rows.clone()], &ts[rows.clone()], &line[rows])
             })
             .collect();
-        let reduce = |limit| reduce_under(batches.clone(), &["ts"], 2, limit);
-        let (held, spilled_none) = reduce(None).await;
-        let (moved, spilled_rows) = reduce(Some(1024 * 1024)).await;
+        let reduce = |limit, expected| reduce_under(batches.clone(), &["ts"], 2, limit, expected);
+        let (held, spilled_none) = reduce(None, 0).await;
+        let (moved, spilled_rows) = reduce(Some(1024 * 1024), 0).await;
         assert_eq!(held.len(), 25_000);
         assert_eq!(spilled_none, 0);
         assert!(spilled_rows > 0, "a 1 MiB limit must spill 60,000 rows");
         assert_eq!(held, moved);
+        // The index sized for the rows, for too few (it grows) or for too many (no limit:
+        // held; under the limit its 9 MB reservation is refused at once: buckets that spill).
+        for expected in [n, 10, 10 * n] {
+            assert_eq!(reduce(None, expected).await, (held.clone(), 0));
+        }
+        let (sized_too_large, spilled) = reduce(Some(1024 * 1024), 10 * n).await;
+        assert_eq!(sized_too_large, held);
+        assert!(spilled > 0);
         // The winner of each key, computed here: greatest ts (nulls smallest), then last line.
         let mut best: std::collections::HashMap<&str, (Option<i64>, i64)> = Default::default();
         for i in 0..n {
@@ -1206,7 +1260,7 @@ mod tests {
         let line: Vec<i64> = (0..n as i64).collect();
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let input = batch(&key_refs, &ts, &line);
-        let reduce = |limit| reduce_under(vec![input.clone()], &["ts", "line"], 3, limit);
+        let reduce = |limit| reduce_under(vec![input.clone()], &["ts", "line"], 3, limit, 0);
         let (in_memory, spilled_none) = reduce(None).await;
         let (spilled, spilled_rows) = reduce(Some(64 * 1024)).await;
         assert_eq!(in_memory.len(), 20_000);

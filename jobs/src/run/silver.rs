@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::array::{ArrayRef, AsArray as _, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use futures::StreamExt as _;
 
@@ -103,16 +103,28 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
             None => df,
         })
     };
+    // The batch's size sizes the dedup's index once; a rerun of a pending batch goes without.
+    let mut expected_rows = 0;
     let (seq, upper) = match &state.pending {
         Some(p) => (p.seq, p.upper),
         None => {
             let max = after_watermark(bronze.clone())?
                 .aggregate(
                     vec![],
-                    vec![datafusion::functions_aggregate::expr_fn::max(col(INGEST_TS)).alias("m")],
+                    vec![
+                        datafusion::functions_aggregate::expr_fn::max(col(INGEST_TS)).alias("m"),
+                        datafusion::functions_aggregate::expr_fn::count(lit(1)).alias("n"),
+                    ],
                 )?
                 .collect()
                 .await?;
+            expected_rows = max
+                .first()
+                .and_then(|b| {
+                    b.column(1)
+                        .as_primitive_opt::<arrow::datatypes::Int64Type>()
+                })
+                .map_or(0, |n| usize::try_from(n.value(0)).unwrap_or(0));
             let upper = max
                 .first()
                 .map(|b| ScalarValue::try_from_array(b.column(0), 0))
@@ -159,7 +171,7 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     // A first write reads the winners once (a MERGE reads them twice), so the dedup can free
     // each bucket as the write takes its rows. The table opened here is the MERGE's target.
     let target = table::open_table(&url).await?;
-    let deduped = shape_and_dedup(run, spec, valid, target.is_none()).await?;
+    let deduped = shape_and_dedup(run, spec, valid, target.is_none(), expected_rows).await?;
     summary.spilled_bytes = deduped.spilled_bytes;
     tracing::debug!(
         table = name,
@@ -486,6 +498,7 @@ pub(crate) async fn shape_and_dedup(
     spec: &SilverSpec,
     valid: DataFrame,
     read_once: bool,
+    expected_rows: usize,
 ) -> Result<Deduplicated, JobError> {
     let sql = run.pipeline.sql(&spec.sql)?;
     let shaped = sql_with_table(&run.ctx, INPUT_RELATION, valid, sql).await?;
@@ -493,7 +506,7 @@ pub(crate) async fn shape_and_dedup(
         let plan = shaped.clone().into_optimized_plan()?;
         tracing::trace!(table = spec.table.get_ref(), plan = %plan.display_indent(), "shaped plan");
     }
-    dedup(&run.ctx, shaped, spec, read_once).await
+    dedup(&run.ctx, shaped, spec, read_once, expected_rows).await
 }
 
 /// The columns that decide which row a key keeps, in the batch and against the table alike:
@@ -509,12 +522,14 @@ pub(crate) async fn dedup(
     shaped: DataFrame,
     spec: &SilverSpec,
     read_once: bool,
+    expected_rows: usize,
 ) -> Result<Deduplicated, JobError> {
     Ok(DedupBuilder::new(shaped, spec.key.clone())
         .with_winner_order(winner_order(spec))
         .with_cluster_by(spec.partition_by.clone())
         .with_output_partitions(ctx.copied_config().target_partitions())
         .with_read_once(read_once)
+        .with_expected_rows(expected_rows)
         .execute(ctx)
         .await?)
 }
