@@ -103,10 +103,10 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
             None => df,
         })
     };
-    // The batch's size sizes the dedup's index once; a rerun of a pending batch goes without.
-    let mut expected_rows = 0;
-    let (seq, upper) = match &state.pending {
-        Some(p) => (p.seq, p.upper),
+    // The batch's row count sizes the dedup's index once; a rerun of a pending batch goes
+    // without (0).
+    let (seq, upper, expected_rows) = match &state.pending {
+        Some(p) => (p.seq, p.upper, 0),
         None => {
             let max = after_watermark(bronze.clone())?
                 .aggregate(
@@ -118,15 +118,15 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
                 )?
                 .collect()
                 .await?;
-            expected_rows = max
-                .first()
+            // One row: the greatest `_ingest_ts` (null when nothing is new) and the count.
+            let totals = max.first();
+            let rows = totals
                 .and_then(|b| {
                     b.column(1)
                         .as_primitive_opt::<arrow::datatypes::Int64Type>()
                 })
                 .map_or(0, |n| usize::try_from(n.value(0)).unwrap_or(0));
-            let upper = max
-                .first()
+            let upper = totals
                 .map(|b| ScalarValue::try_from_array(b.column(0), 0))
                 .transpose()?
                 .and_then(|v| match v {
@@ -141,7 +141,7 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
             let seq = state.seq + 1;
             state.pending = Some(PendingBatch { seq, upper });
             state_version = Some(put_typed(run.state(), &key, &state, state_version).await?);
-            (seq, upper)
+            (seq, upper, rows)
         }
     };
     let bar = run.progress(Layer::Silver, &name);
