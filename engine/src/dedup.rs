@@ -16,8 +16,13 @@
 //! output partition, not the batch. The winners are never materialised: the output is a table
 //! whose partitions filter or reduce as they are read, so a write consumes winners while the
 //! next are found. Reading the output again (a MERGE reads its source twice) does that again.
+//!
+//! Rows of one key that are copies of each other (re-delivered events) need no winner: with
+//! [`DedupBuilder::with_first_arrival`], an output read once keeps the first row of each key
+//! to arrive and lets the rows through as they come, holding only the keys.
 
 use std::fs::File;
+use std::hash::BuildHasher as _;
 use std::io::BufReader;
 use std::sync::{Arc, Mutex};
 
@@ -28,7 +33,8 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::buffer::{BooleanBuffer, Buffer, ScalarBuffer};
 use datafusion::arrow::compute::{
-    SortOptions, concat_batches, filter_record_batch, interleave_record_batch, take_record_batch,
+    BatchCoalescer, SortOptions, concat_batches, filter_record_batch, interleave_record_batch,
+    take_record_batch,
 };
 use datafusion::arrow::datatypes::ByteViewType;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
@@ -42,12 +48,12 @@ use datafusion::common::runtime::JoinSet;
 use datafusion::common::{HashMap, HashSet};
 use datafusion::error::DataFusionError;
 use datafusion::execution::disk_manager::DiskManager;
-use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryLimit, MemoryReservation};
 use datafusion::execution::spill_file::{SpillFile, SpillWriter};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_plan::execute_stream_partitioned;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{ExecutionPlan, execute_stream_partitioned};
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::StreamExt as _;
 use hashbrown::HashTable;
@@ -74,6 +80,7 @@ pub struct DedupBuilder {
     output_partitions: usize,
     read_once: bool,
     expected_rows: usize,
+    first_arrival: bool,
 }
 
 /// The result of a [`DedupBuilder`].
@@ -87,6 +94,9 @@ pub struct Deduplicated {
     /// Rows and bytes written to spill files because the memory pool was full.
     pub spilled_rows: u64,
     pub spilled_bytes: u64,
+    /// The source has not run yet: it runs as `rows` is read (a first-arrival reduction), so
+    /// whatever it feeds on its way is complete only once `rows` has been read.
+    pub streaming: bool,
 }
 
 impl DedupBuilder {
@@ -99,6 +109,7 @@ impl DedupBuilder {
             output_partitions: 1,
             read_once: false,
             expected_rows: 0,
+            first_arrival: false,
         }
     }
 
@@ -144,11 +155,35 @@ impl DedupBuilder {
         self
     }
 
+    /// The rows of a key are copies of each other, so any one may stay: an output read once
+    /// ([`Self::with_read_once`]) then keeps the first row of each key to arrive, ignores the
+    /// winner order, and runs the source only as it is read, holding the keys seen (their
+    /// row-format bytes and about 16 bytes of index each) instead of every row of the batch.
+    /// Holding the rows was most of silver's memory (5.9 GB at SF 10 for 30 million events).
+    /// Under a bounded memory pool the keys could outgrow it with nowhere to spill, so there,
+    /// as for an output read twice, the rows are held and reduced as without it.
+    pub fn with_first_arrival(mut self, any_copy: bool) -> Self {
+        self.first_arrival = any_copy;
+        self
+    }
+
     /// Runs the source into buckets and returns a table that reduces them as it is read.
     pub async fn execute(self, ctx: &SessionContext) -> Result<Deduplicated> {
         let task_ctx = ctx.task_ctx();
         let plan = self.source.create_physical_plan().await?;
         let schema = plan.schema();
+        let bounded = matches!(
+            task_ctx.memory_pool().memory_limit(),
+            MemoryLimit::Finite(_)
+        );
+        if self.first_arrival && self.read_once && !bounded {
+            let keys = self
+                .keys
+                .iter()
+                .map(|c| schema.index_of(c))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            return first_arrivals(ctx, plan, keys, self.expected_rows);
+        }
         let columns = |names: &[String]| -> Result<Vec<usize>> {
             Ok(names
                 .iter()
@@ -223,7 +258,262 @@ impl DedupBuilder {
             has_null_key: stats.has_null_key,
             spilled_rows: stats.spilled_rows,
             spilled_bytes: stats.spilled_bytes,
+            streaming: false,
         })
+    }
+}
+
+/// A table over `plan` whose partitions let through the first row of each key to arrive.
+fn first_arrivals(
+    ctx: &SessionContext,
+    plan: Arc<dyn ExecutionPlan>,
+    keys: Vec<usize>,
+    expected_rows: usize,
+) -> Result<Deduplicated> {
+    let schema = plan.schema();
+    let fields = keys
+        .iter()
+        .map(|i| SortField::new(schema.field(*i).data_type().clone()))
+        .collect();
+    let converter = Arc::new(RowConverter::new(fields)?);
+    let reservation = MemoryConsumer::new("DedupKeys").register(ctx.task_ctx().memory_pool());
+    let seen = Arc::new(Mutex::new(SeenKeys::new(expected_rows, reservation)));
+    let partitions = (0..plan.properties().partitioning.partition_count())
+        .map(|partition| {
+            Arc::new(FirstArrivalPartition {
+                plan: Arc::clone(&plan),
+                schema: Arc::clone(&schema),
+                partition,
+                keys: keys.clone(),
+                converter: Arc::clone(&converter),
+                seen: Arc::clone(&seen),
+                started: std::sync::atomic::AtomicBool::new(false),
+            }) as Arc<dyn PartitionStream>
+        })
+        .collect();
+    let table = StreamingTable::try_new(schema, partitions)?;
+    Ok(Deduplicated {
+        rows: ctx.read_table(Arc::new(table))?,
+        // Not known before the rows are read; only a MERGE asks, and it reads twice.
+        has_null_key: true,
+        spilled_rows: 0,
+        spilled_bytes: 0,
+        streaming: true,
+    })
+}
+
+/// Hashes the row-format bytes of a first-arrival key.
+static KEY_HASHER: std::sync::LazyLock<RandomState> =
+    std::sync::LazyLock::new(|| RandomState::with_seed(0x6d65_6461_6c6c));
+
+/// Bytes of one block of [`SeenKeys`]: blocks are never grown, so a key never moves and
+/// growing the store never copies it.
+const KEY_BLOCK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Every key let through so far, in arrow's row format (a null equals a null), in blocks.
+struct SeenKeys {
+    blocks: Vec<Vec<u8>>,
+    /// `(block, start, len)` of each key; the index holds positions in this list.
+    keys: Vec<(u32, u32, u32)>,
+    index: HashTable<u32>,
+    reservation: MemoryReservation,
+    /// What `reservation` counts of `keys` and `index` (the blocks are counted as made).
+    counted: usize,
+}
+
+impl SeenKeys {
+    fn new(expected_rows: usize, reservation: MemoryReservation) -> Self {
+        let mut seen = Self {
+            blocks: Vec::new(),
+            keys: Vec::with_capacity(expected_rows),
+            index: HashTable::with_capacity(expected_rows),
+            reservation,
+            counted: 0,
+        };
+        seen.count();
+        seen
+    }
+
+    /// Brings the reservation up to what the key list and the index hold.
+    fn count(&mut self) {
+        let now = self.keys.capacity() * std::mem::size_of::<(u32, u32, u32)>()
+            + self.index.capacity() * (std::mem::size_of::<u32>() + 1);
+        if now > self.counted {
+            self.reservation.grow(now - self.counted);
+            self.counted = now;
+        }
+    }
+
+    /// Which rows of `rows` carry a key not seen before (the first of equal keys among them
+    /// too); their keys are kept.
+    fn admit(
+        &mut self,
+        rows: &Rows,
+        hashes: &[u64],
+    ) -> std::result::Result<BooleanBuffer, DataFusionError> {
+        let mut kept = BooleanBufferBuilder::new(rows.num_rows());
+        for (r, &hash) in hashes.iter().enumerate() {
+            let key = rows.row(r).data();
+            let Self {
+                blocks,
+                keys,
+                index,
+                ..
+            } = self;
+            if index
+                .find(hash, |i| stored_key(blocks, keys, *i) == key)
+                .is_some()
+            {
+                kept.append(false);
+                continue;
+            }
+            let len = u32::try_from(key.len()).map_err(|_| {
+                DataFusionError::Execution("a key of 4 GiB or more cannot be kept".into())
+            })?;
+            let room = blocks
+                .last()
+                .is_some_and(|b| b.capacity() - b.len() >= key.len());
+            if !room {
+                let block = Vec::with_capacity(KEY_BLOCK_BYTES.max(key.len()));
+                self.reservation.grow(block.capacity());
+                blocks.push(block);
+            }
+            let block = blocks.len() - 1;
+            let start = blocks[block].len();
+            blocks[block].extend_from_slice(key);
+            let at = u32::try_from(keys.len())
+                .map_err(|_| DataFusionError::Execution("more than 4 billion keys".into()))?;
+            keys.push((block as u32, start as u32, len));
+            index.insert_unique(hash, at, |i| {
+                KEY_HASHER.hash_one(stored_key(blocks, keys, *i))
+            });
+            kept.append(true);
+        }
+        self.count();
+        Ok(kept.finish())
+    }
+}
+
+/// A first-arrival partition while it is read: the source's batches filtered to new keys
+/// and joined into output batches.
+struct FirstArrivals {
+    source: SendableRecordBatchStream,
+    keys: Vec<usize>,
+    converter: Arc<RowConverter>,
+    seen: Arc<Mutex<SeenKeys>>,
+    out: BatchCoalescer,
+    done: bool,
+}
+
+impl FirstArrivals {
+    async fn next(&mut self) -> Option<std::result::Result<RecordBatch, DataFusionError>> {
+        loop {
+            if let Some(batch) = self.out.next_completed_batch() {
+                return Some(Ok(batch));
+            }
+            if self.done {
+                return None;
+            }
+            let step = match self.source.next().await {
+                Some(Ok(batch)) => self.push(batch),
+                Some(Err(e)) => Err(e),
+                None => {
+                    self.done = true;
+                    self.out.finish_buffered_batch().map_err(Into::into)
+                }
+            };
+            if let Err(e) = step {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+    }
+
+    fn push(&mut self, batch: RecordBatch) -> std::result::Result<(), DataFusionError> {
+        // Encoded outside the lock, which the other partitions' batches wait on.
+        let columns: Vec<ArrayRef> = self
+            .keys
+            .iter()
+            .map(|i| Arc::clone(batch.column(*i)))
+            .collect();
+        let rows = self.converter.convert_columns(&columns)?;
+        let hashes: Vec<u64> = rows.iter().map(|r| KEY_HASHER.hash_one(r.data())).collect();
+        let mask = lock(&self.seen)?.admit(&rows, &hashes)?;
+        if mask.count_set_bits() == batch.num_rows() {
+            self.out.push_batch(batch)?;
+        } else {
+            self.out
+                .push_batch_with_filter(batch, &BooleanArray::new(mask, None))?;
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of kept key `i`.
+fn stored_key<'a>(blocks: &'a [Vec<u8>], keys: &[(u32, u32, u32)], i: u32) -> &'a [u8] {
+    let (block, start, len) = keys[i as usize];
+    &blocks[block as usize][start as usize..(start + len) as usize]
+}
+
+/// One partition of a first-arrival reduction: a partition of the source, filtered to the
+/// rows whose key no partition has let through before.
+struct FirstArrivalPartition {
+    plan: Arc<dyn ExecutionPlan>,
+    schema: SchemaRef,
+    partition: usize,
+    keys: Vec<usize>,
+    converter: Arc<RowConverter>,
+    seen: Arc<Mutex<SeenKeys>>,
+    /// Read once only: a second read would find every key seen and let nothing through.
+    started: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for FirstArrivalPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirstArrivalPartition")
+            .field("partition", &self.partition)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartitionStream for FirstArrivalPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let schema = Arc::clone(&self.schema);
+        let source = if self.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            Err(DataFusionError::Internal(
+                "a first-arrival dedup output was read twice".into(),
+            ))
+        } else {
+            self.plan.execute(self.partition, ctx)
+        };
+        let source = match source {
+            Ok(stream) => stream,
+            Err(e) => {
+                return Box::pin(RecordBatchStreamAdapter::new(
+                    schema,
+                    futures::stream::once(async move { Err(e) }),
+                ));
+            }
+        };
+        let state = FirstArrivals {
+            source,
+            keys: self.keys.clone(),
+            converter: Arc::clone(&self.converter),
+            seen: Arc::clone(&self.seen),
+            // A partitioned write splits each batch by partition: batches of a scan's size,
+            // thinned by the filter, gave it runs too short to encode well.
+            out: BatchCoalescer::new(Arc::clone(&schema), OUTPUT_BATCH_ROWS),
+            done: false,
+        };
+        let kept = futures::stream::unfold(state, |mut state| async move {
+            let next = state.next().await;
+            next.map(|batch| (batch, state))
+        });
+        Box::pin(RecordBatchStreamAdapter::new(schema, kept))
     }
 }
 
@@ -1270,5 +1560,115 @@ mod tests {
             "a 64 KiB limit must spill a 60,000-row batch"
         );
         assert_eq!(in_memory, spilled);
+    }
+
+    /// Keys sent several times over two partitions, one key null twice: a first-arrival
+    /// output keeps one row per key (the nulls are one key), the first of each key within a
+    /// partition, runs the source only as it is read, and refuses a second read.
+    #[tokio::test]
+    async fn first_arrival_keeps_the_first_row_of_each_key_as_the_rows_stream() {
+        let ctx = crate::session::new_session(&Default::default()).unwrap();
+        let keys: Vec<Option<String>> = (0..20_000)
+            .map(|i| (i != 7 && i != 15_007).then(|| format!("key-{:05}", (i * 13) % 6_000)))
+            .collect();
+        let make = |rows: std::ops::Range<usize>| {
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("k", DataType::Utf8, true),
+                Field::new("ts", DataType::Int64, true),
+                Field::new("line", DataType::Int64, false),
+            ]));
+            RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(StringArray::from(keys[rows.clone()].to_vec())),
+                    Arc::new(Int64Array::from(vec![None; rows.len()])),
+                    Arc::new(Int64Array::from_iter_values(rows.map(|r| r as i64))),
+                ],
+            )
+            .unwrap()
+        };
+        let (a, b) = (make(0..10_000), make(10_000..20_000));
+        let schema = a.schema();
+        let table = Arc::new(
+            datafusion::datasource::MemTable::try_new(
+                schema,
+                vec![vec![a.slice(0, 5_000), a.slice(5_000, 5_000)], vec![b]],
+            )
+            .unwrap(),
+        );
+        let reduce = |once: bool, first: bool| {
+            DedupBuilder::new(
+                ctx.read_table(Arc::clone(&table) as _).unwrap(),
+                vec!["k".into()],
+            )
+            .with_read_once(once)
+            .with_first_arrival(first)
+            .execute(&ctx)
+        };
+        let out = reduce(true, true).await.unwrap();
+        assert!(out.streaming);
+        let got = lines(&out.rows.clone().collect().await.unwrap());
+        // 6,000 keys and the null key.
+        assert_eq!(got.len(), 6_001);
+        let mut seen = std::collections::HashSet::new();
+        for line in &got {
+            assert!(
+                seen.insert(keys[*line as usize].clone()),
+                "key of line {line} kept twice"
+            );
+        }
+        // Each kept row is its key's first in one of the partitions, whichever came first.
+        let first_in = |rows: std::ops::Range<usize>| {
+            let mut first = std::collections::HashMap::new();
+            for r in rows {
+                first.entry(keys[r].clone()).or_insert(r as i64);
+            }
+            first
+        };
+        let (first_a, first_b) = (first_in(0..10_000), first_in(10_000..20_000));
+        for line in &got {
+            let key = &keys[*line as usize];
+            assert!(
+                first_a.get(key) == Some(line) || first_b.get(key) == Some(line),
+                "line {line} is not the first of its key in its partition"
+            );
+        }
+        assert!(out.rows.collect().await.is_err(), "a second read must fail");
+        // Read twice (a MERGE), the rows are held and reduced to the last seen, as without it.
+        let held = reduce(false, true).await.unwrap();
+        assert!(!held.streaming);
+        let last = lines(&held.rows.collect().await.unwrap());
+        assert_eq!(last.len(), 6_001);
+        assert!(
+            last.iter()
+                .all(|l| *l >= 14_000 || (4_000..10_000).contains(l))
+        );
+    }
+
+    /// Under a bounded memory pool a first-arrival output is held and reduced (its keys could
+    /// outgrow the pool with nowhere to spill), spilling as any other.
+    #[tokio::test]
+    async fn first_arrival_under_a_memory_limit_holds_and_spills_instead() {
+        let ctx = crate::session::new_session(&crate::session::SessionOptions {
+            memory_limit: Some(64 * 1024),
+            ..Default::default()
+        })
+        .unwrap();
+        let n = 60_000;
+        let keys: Vec<String> = (0..n).map(|i| format!("key-{:06}", i % 20_000)).collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let line: Vec<i64> = (0..n as i64).collect();
+        let input = batch(&key_refs, &vec![None; n], &line);
+        let out = DedupBuilder::new(ctx.read_batch(input).unwrap(), vec!["k".into()])
+            .with_winner_order(vec!["line".into()])
+            .with_read_once(true)
+            .with_first_arrival(true)
+            .execute(&ctx)
+            .await
+            .unwrap();
+        assert!(!out.streaming);
+        assert!(out.spilled_rows > 0);
+        let got = lines(&out.rows.collect().await.unwrap());
+        assert_eq!(got, (40_000..60_000).collect::<Vec<i64>>());
     }
 }

@@ -163,6 +163,9 @@ pub struct SilverSpec {
     /// seen last (greatest `_source_file`, then `_source_line`). Empty: the last seen wins.
     #[serde(default)]
     pub keep_latest_by: Vec<String>,
+    /// Which row of a key stays; see [`Keep`].
+    #[serde(default)]
+    pub keep: Keep,
     #[serde(default)]
     pub partition_by: Vec<String>,
     /// Only these columns of the table's data files carry min/max statistics (Delta's
@@ -197,6 +200,21 @@ impl SilverSpec {
     pub fn rules(&self) -> Vec<Rule> {
         self.rules.iter().map(|r| r.get_ref().clone()).collect()
     }
+}
+
+/// Which row of a key a silver table keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// The greatest on `keep_latest_by`, then the row seen last.
+    #[default]
+    Latest,
+    /// The rows of a key are copies of each other (re-delivered events, Spark's
+    /// `dropDuplicates`), so any one may stay. A first load keeps the first to arrive and
+    /// writes rows as they come, holding only the keys seen instead of the whole batch, when
+    /// the run has no memory limit and the table no `fail` rule (which must pass before
+    /// anything is written); otherwise, and for later loads, rows are kept as for `latest`.
+    Any,
 }
 
 /// A column computed from the bronze columns (and earlier derived columns) of a silver table.

@@ -15,7 +15,7 @@ use medallion_engine::session;
 use medallion_quality::{QualityError, RuleSet};
 
 use crate::error::{ConfigIssue, JobError};
-use crate::pipeline::{FormatSpec, GoldKind, Pipeline, SourceSpec};
+use crate::pipeline::{FormatSpec, GoldKind, Keep, Pipeline, SourceSpec};
 use crate::run::bronze::bronze_schema;
 use crate::run::silver::{INGEST_RUN_ID, INPUT_RELATION, with_derived};
 
@@ -221,6 +221,14 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                 s.stats_columns.as_ref().unwrap_or(&Vec::new()),
             ),
         ] {
+            if what == "keep_latest_by column" && !cols.is_empty() && s.keep == Keep::Any {
+                c.at(
+                    at,
+                    format!(
+                        "silver table '{name}': `keep = \"any\"` keeps any copy of a key, so it takes no `keep_latest_by`"
+                    ),
+                );
+            }
             if what == "key column" && cols.is_empty() {
                 c.at(at, format!("silver table '{name}': `key` names no column"));
             }

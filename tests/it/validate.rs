@@ -229,3 +229,20 @@ fn datafusion_settings_come_from_its_environment_over_medallions_defaults() {
     )];
     assert_eq!(setting(&overridden), "value\n0.8");
 }
+
+#[test]
+fn keep_any_with_keep_latest_by_is_refused() {
+    let s = broken_pipeline(|d| {
+        replace(
+            &d.join("pipeline.toml"),
+            "keep = \"any\"",
+            "keep = \"any\"\nkeep_latest_by = [\"event_ts\"]",
+        )
+    });
+    let (code, stderr) = validate(s.dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("silver table 'events': `keep = \"any\"` keeps any copy of a key, so it takes no `keep_latest_by`"),
+        "{stderr}"
+    );
+}

@@ -16,7 +16,7 @@ use datafusion::common::ScalarValue;
 use datafusion::prelude::{DataFrame, col, lit};
 use medallion_connectors::state::{get_typed, put_typed};
 use medallion_engine::dedup::{DedupBuilder, Deduplicated};
-use medallion_engine::ops::{AppendBuilder, UpsertBuilder};
+use medallion_engine::ops::{AppendBuilder, CommitMetrics, UpsertBuilder};
 use medallion_engine::session::sql_with_table;
 use medallion_engine::table;
 use medallion_quality::{Action, DQ_RULE_COLUMN, RuleSet, RuleTally};
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::bronze::{INGEST_DATE, INGEST_TS, RUN_ID};
 use super::{Layer, RunContext, elapsed_ms};
 use crate::error::JobError;
-use crate::pipeline::SilverSpec;
+use crate::pipeline::{Keep, SilverSpec};
 use crate::summary::TableSummary;
 
 /// Name under which the valid rows of the batch are visible to a table's SQL.
@@ -170,9 +170,20 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     let url = run.pipeline.table_url("silver", &name)?;
     // A first write reads the winners once (a MERGE reads them twice), so the dedup can free
     // each bucket as the write takes its rows. The table opened here is the MERGE's target.
-    let target = table::open_table(&url).await?;
+    let mut target = table::open_table(&url).await?;
     let deduped = shape_and_dedup(run, spec, valid, target.is_none(), expected_rows).await?;
     summary.spilled_bytes = deduped.spilled_bytes;
+    // A first-arrival dedup runs the batch while the table is written, so the rules' tally and
+    // the quarantined rows are complete only after that write: the table is committed before
+    // its quarantine. If the run stops between the two, the rerun of the pending batch finds
+    // the table's commit made (and skips it) and writes the quarantine.
+    let (deduped, written) = if deduped.streaming {
+        bar.set_message("writing");
+        let metrics = upsert(run, spec, &url, deduped, target.take(), seq).await?;
+        (None, Some(metrics))
+    } else {
+        (Some(deduped), None)
+    };
     tracing::debug!(
         table = name,
         ms = elapsed_ms(started),
@@ -256,19 +267,18 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     }
 
     tracing::debug!(table = name, ms = elapsed_ms(started), "quarantine written");
-    bar.set_message("merging");
-    let mut upsert = UpsertBuilder::new(url.clone(), deduped.rows, spec.key.clone())
-        .with_source_key_nulls(deduped.has_null_key)
-        .with_winner_order(winner_order(spec))
-        .with_partition_columns(spec.partition_by.clone())
-        .with_transaction(run.transaction(Layer::Silver, &name, seq));
-    if let Some(columns) = &spec.stats_columns {
-        upsert = upsert.with_stats_columns(columns.clone());
-    }
-    if let Some(opened) = target {
-        upsert = upsert.with_target(opened);
-    }
-    let metrics = upsert.execute().await?;
+    let metrics = match (written, deduped) {
+        (Some(metrics), _) => metrics,
+        (None, Some(deduped)) => {
+            bar.set_message("merging");
+            upsert(run, spec, &url, deduped, target, seq).await?
+        }
+        (None, None) => {
+            return Err(JobError::Internal(
+                "silver rows neither written nor held".into(),
+            ));
+        }
+    };
     state.seq = seq;
     state.watermark = Some(upper);
     state.pending = None;
@@ -300,6 +310,31 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
 }
 
 /// Adds the spec's derived columns to the bronze rows, in declared order.
+/// Upserts the deduplicated rows into the silver table (a first write appends them) under
+/// the batch's transaction.
+async fn upsert(
+    run: &RunContext<'_>,
+    spec: &SilverSpec,
+    url: &url::Url,
+    deduped: Deduplicated,
+    target: Option<deltalake::DeltaTable>,
+    seq: i64,
+) -> Result<CommitMetrics, JobError> {
+    let name = spec.table.get_ref();
+    let mut upsert = UpsertBuilder::new(url.clone(), deduped.rows, spec.key.clone())
+        .with_source_key_nulls(deduped.has_null_key)
+        .with_winner_order(winner_order(spec))
+        .with_partition_columns(spec.partition_by.clone())
+        .with_transaction(run.transaction(Layer::Silver, name, seq));
+    if let Some(columns) = &spec.stats_columns {
+        upsert = upsert.with_stats_columns(columns.clone());
+    }
+    if let Some(opened) = target {
+        upsert = upsert.with_target(opened);
+    }
+    Ok(upsert.execute().await?)
+}
+
 pub(crate) async fn with_derived(
     ctx: &datafusion::prelude::SessionContext,
     bronze: DataFrame,
@@ -517,6 +552,16 @@ fn winner_order(spec: &SilverSpec) -> Vec<String> {
     order
 }
 
+/// Whether any row of a key may stay, and may be written before the rules' results are known:
+/// `keep = "any"` and no `fail` rule, which must pass before anything is written.
+fn any_copy(spec: &SilverSpec) -> bool {
+    spec.keep == Keep::Any
+        && spec
+            .rules
+            .iter()
+            .all(|r| r.get_ref().action != Action::Fail)
+}
+
 pub(crate) async fn dedup(
     ctx: &datafusion::prelude::SessionContext,
     shaped: DataFrame,
@@ -530,6 +575,7 @@ pub(crate) async fn dedup(
         .with_output_partitions(ctx.copied_config().target_partitions())
         .with_read_once(read_once)
         .with_expected_rows(expected_rows)
+        .with_first_arrival(any_copy(spec))
         .execute(ctx)
         .await?)
 }
