@@ -492,12 +492,7 @@ impl PartitionStream for FirstArrivalPartition {
         };
         let source = match source {
             Ok(stream) => stream,
-            Err(e) => {
-                return Box::pin(RecordBatchStreamAdapter::new(
-                    schema,
-                    futures::stream::once(async move { Err(e) }),
-                ));
-            }
+            Err(e) => return failed_stream(schema, e),
         };
         let state = FirstArrivals {
             source,
@@ -1259,12 +1254,7 @@ impl PartitionStream for ReducedPartition {
         });
         let parts = match taken {
             Ok(parts) => parts,
-            Err(e) => {
-                return Box::pin(RecordBatchStreamAdapter::new(
-                    schema,
-                    futures::stream::once(async move { Err(e) }),
-                ));
-            }
+            Err(e) => return failed_stream(schema, e),
         };
         let reduction = Arc::clone(&self.reduction);
         let (reservation, read_once) = (Arc::clone(&self.reservation), self.read_once);
@@ -1287,6 +1277,14 @@ impl PartitionStream for ReducedPartition {
             .flatten();
         Box::pin(RecordBatchStreamAdapter::new(schema, winners))
     }
+}
+
+/// A stream that fails with `e` when read: a partition's `execute` cannot return an error.
+fn failed_stream(schema: SchemaRef, e: DataFusionError) -> SendableRecordBatchStream {
+    Box::pin(RecordBatchStreamAdapter::new(
+        schema,
+        futures::stream::once(async move { Err(e) }),
+    ))
 }
 
 /// The named columns of every batch in arrow's row format (ascending, nulls first, so that a
