@@ -61,6 +61,8 @@ use hashbrown::hash_table::Entry as SlotEntry;
 
 use crate::error::Result;
 
+/// Seed of every key hash, so that equal keys hash equal from batch to batch.
+const KEY_HASH_SEED: u64 = 0x6d65_6461_6c6c;
 /// Rows per output batch.
 const OUTPUT_BATCH_ROWS: usize = 64 * 1024;
 /// Buckets the rows are split into. Enough that one bucket of a batch too large for memory
@@ -304,7 +306,7 @@ fn first_arrivals(
 
 /// Hashes the row-format bytes of a first-arrival key.
 static KEY_HASHER: std::sync::LazyLock<RandomState> =
-    std::sync::LazyLock::new(|| RandomState::with_seed(0x6d65_6461_6c6c));
+    std::sync::LazyLock::new(|| RandomState::with_seed(KEY_HASH_SEED));
 
 /// Bytes of one block of [`SeenKeys`]: blocks are never grown, so a key never moves and
 /// growing the store never copies it.
@@ -317,8 +319,6 @@ struct SeenKeys {
     keys: Vec<(u32, u32, u32)>,
     index: HashTable<u32>,
     reservation: MemoryReservation,
-    /// What `reservation` counts of `keys` and `index` (the blocks are counted as made).
-    counted: usize,
 }
 
 impl SeenKeys {
@@ -328,20 +328,18 @@ impl SeenKeys {
             keys: Vec::with_capacity(expected_rows),
             index: HashTable::with_capacity(expected_rows),
             reservation,
-            counted: 0,
         };
         seen.count();
         seen
     }
 
-    /// Brings the reservation up to what the key list and the index hold.
+    /// Sets the reservation to what the blocks, the key list and the index hold.
     fn count(&mut self) {
-        let now = self.keys.capacity() * std::mem::size_of::<(u32, u32, u32)>()
-            + self.index.capacity() * (std::mem::size_of::<u32>() + 1);
-        if now > self.counted {
-            self.reservation.grow(now - self.counted);
-            self.counted = now;
-        }
+        self.reservation.resize(
+            self.blocks.iter().map(Vec::capacity).sum::<usize>()
+                + self.keys.capacity() * std::mem::size_of::<(u32, u32, u32)>()
+                + self.index.capacity() * (std::mem::size_of::<u32>() + 1),
+        );
     }
 
     /// Which rows of `rows` carry a key not seen before (the first of equal keys among them
@@ -374,9 +372,7 @@ impl SeenKeys {
                 .last()
                 .is_some_and(|b| b.capacity() - b.len() >= key.len());
             if !room {
-                let block = Vec::with_capacity(KEY_BLOCK_BYTES.max(key.len()));
-                self.reservation.grow(block.capacity());
-                blocks.push(block);
+                blocks.push(Vec::with_capacity(KEY_BLOCK_BYTES.max(key.len())));
             }
             let block = blocks.len() - 1;
             let start = blocks[block].len();
@@ -535,11 +531,7 @@ impl Reduction {
             .map(|i| Arc::clone(batch.column(*i)))
             .collect();
         let mut hashes = vec![0u64; batch.num_rows()];
-        create_hashes(
-            &keys,
-            &RandomState::with_seed(0x6d65_6461_6c6c),
-            &mut hashes,
-        )?;
+        create_hashes(&keys, &RandomState::with_seed(KEY_HASH_SEED), &mut hashes)?;
         Ok(hashes)
     }
 

@@ -125,6 +125,14 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                 c.at(at, format!("silver table '{table}' is declared twice"));
             }
         }
+        if s.keep == Keep::Any && !s.keep_latest_by.is_empty() {
+            c.at(
+                at,
+                format!(
+                    "silver table '{name}': `keep = \"any\"` keeps any copy of a key, so it takes no `keep_latest_by`"
+                ),
+            );
+        }
         let Some((_, _, bronze)) = tables
             .iter()
             .find(|(l, n, _)| l == "bronze" && *n == s.from)
@@ -221,14 +229,6 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                 s.stats_columns.as_ref().unwrap_or(&Vec::new()),
             ),
         ] {
-            if what == "keep_latest_by column" && !cols.is_empty() && s.keep == Keep::Any {
-                c.at(
-                    at,
-                    format!(
-                        "silver table '{name}': `keep = \"any\"` keeps any copy of a key, so it takes no `keep_latest_by`"
-                    ),
-                );
-            }
             if what == "key column" && cols.is_empty() {
                 c.at(at, format!("silver table '{name}': `key` names no column"));
             }

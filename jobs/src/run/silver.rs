@@ -170,19 +170,19 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     let url = run.pipeline.table_url("silver", &name)?;
     // A first write reads the winners once (a MERGE reads them twice), so the dedup can free
     // each bucket as the write takes its rows. The table opened here is the MERGE's target.
-    let mut target = table::open_table(&url).await?;
+    let target = table::open_table(&url).await?;
     let deduped = shape_and_dedup(run, spec, valid, target.is_none(), expected_rows).await?;
     summary.spilled_bytes = deduped.spilled_bytes;
     // A first-arrival dedup runs the batch while the table is written, so the rules' tally and
     // the quarantined rows are complete only after that write: the table is committed before
     // its quarantine. If the run stops between the two, the rerun of the pending batch finds
     // the table's commit made (and skips it) and writes the quarantine.
-    let (deduped, written) = if deduped.streaming {
+    let rows = if deduped.streaming {
         bar.set_message("writing");
-        let metrics = upsert(run, spec, &url, deduped, target.take(), seq).await?;
-        (None, Some(metrics))
+        // A streamed dedup is a first write's: there is no target.
+        SilverRows::Written(upsert(run, spec, &url, deduped, None, seq).await?)
     } else {
-        (Some(deduped), None)
+        SilverRows::Held(deduped)
     };
     tracing::debug!(
         table = name,
@@ -267,16 +267,11 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     }
 
     tracing::debug!(table = name, ms = elapsed_ms(started), "quarantine written");
-    let metrics = match (written, deduped) {
-        (Some(metrics), _) => metrics,
-        (None, Some(deduped)) => {
+    let metrics = match rows {
+        SilverRows::Written(metrics) => metrics,
+        SilverRows::Held(deduped) => {
             bar.set_message("merging");
             upsert(run, spec, &url, deduped, target, seq).await?
-        }
-        (None, None) => {
-            return Err(JobError::Internal(
-                "silver rows neither written nor held".into(),
-            ));
         }
     };
     state.seq = seq;
@@ -309,7 +304,13 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
     Ok(vec![summary, quarantine_summary])
 }
 
-/// Adds the spec's derived columns to the bronze rows, in declared order.
+/// A batch's silver rows once deduplicated: already written (a streamed first load, whose
+/// quarantine is known only after the write) or held for the write after the quarantine.
+enum SilverRows {
+    Written(CommitMetrics),
+    Held(Deduplicated),
+}
+
 /// Upserts the deduplicated rows into the silver table (a first write appends them) under
 /// the batch's transaction.
 async fn upsert(
@@ -335,6 +336,7 @@ async fn upsert(
     Ok(upsert.execute().await?)
 }
 
+/// Adds the spec's derived columns to the bronze rows, in declared order.
 pub(crate) async fn with_derived(
     ctx: &datafusion::prelude::SessionContext,
     bronze: DataFrame,
