@@ -2,7 +2,7 @@
 # exits. Sourced by scripts/test.sh (and usable by hand: `source scripts/services.sh`).
 #
 #   S3       tests/bin/s3_test_server.rs: s3s-fs (the s3s project's file-backed S3 server)
-#            with TCP_NODELAY; built by `cargo build --bin s3-test-server`
+#            with TCP_NODELAY and listings by prefix; built by `cargo build --bin s3-test-server`
 #   DynamoDB DynamoDB Local (AWS's jar, from the npm package amplify-dynamodb-simulator),
 #            fetched once into $MEDALLION_TOOLS (default ~/.cache/medallion/tools)
 #

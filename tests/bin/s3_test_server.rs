@@ -9,15 +9,22 @@
 //!   one Delta log version could both succeed and the second silently replace the first
 //!   commit. S3 makes that check atomic; so does this server.
 //!
+//! - ListObjectsV2 walks only the folder its prefix names. s3s-fs walks the whole bucket for
+//!   every page of every listing, and the tests share one bucket: each Delta log listing then
+//!   cost a walk of every other test's tables, and the SIGKILL test's orphan files grew it.
+//!
 //! Buckets are folders of ROOT.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
+use s3s::dto::*;
 use s3s::service::S3ServiceBuilder;
+use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -35,8 +42,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let access_key = arg(&args, "--access-key").ok_or(usage)?;
     let secret_key = arg(&args, "--secret-key").ok_or(usage)?;
 
-    let fs = s3s_fs::FileSystem::new(root).map_err(|e| format!("{e:?}"))?;
-    let mut builder = S3ServiceBuilder::new(fs);
+    let fs = s3s_fs::FileSystem::new(&root).map_err(|e| format!("{e:?}"))?;
+    let mut builder = S3ServiceBuilder::new(PrefixListing { fs, root });
     builder.set_auth(SimpleAuth::from_single(access_key, secret_key));
     let service = builder.build();
     let conditional_puts = Arc::new(tokio::sync::Mutex::new(()));
@@ -67,4 +74,168 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = connection.await;
         });
     }
+}
+
+/// s3s-fs with a listing that reads only the folders its prefix can match.
+struct PrefixListing {
+    fs: s3s_fs::FileSystem,
+    root: PathBuf,
+}
+
+/// The operations object_store and the tests use, passed to s3s-fs as they are. Spelled as
+/// `#[async_trait]` expands a method, which it cannot do for methods a macro writes.
+macro_rules! forward_to_s3s_fs {
+    ($($op:ident: $input:ty => $output:ty,)*) => {$(
+        fn $op<'life0, 'async_trait>(
+            &'life0 self,
+            req: S3Request<$input>,
+        ) -> BoxedResponse<'async_trait, $output>
+        where
+            'life0: 'async_trait,
+            Self: 'async_trait,
+        {
+            self.fs.$op(req)
+        }
+    )*};
+}
+
+type BoxedResponse<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = S3Result<S3Response<T>>> + Send + 'a>>;
+
+#[async_trait::async_trait]
+impl S3 for PrefixListing {
+    forward_to_s3s_fs! {
+        create_bucket: CreateBucketInput => CreateBucketOutput,
+        copy_object: CopyObjectInput => CopyObjectOutput,
+        delete_bucket: DeleteBucketInput => DeleteBucketOutput,
+        delete_object: DeleteObjectInput => DeleteObjectOutput,
+        delete_objects: DeleteObjectsInput => DeleteObjectsOutput,
+        get_bucket_location: GetBucketLocationInput => GetBucketLocationOutput,
+        get_object: GetObjectInput => GetObjectOutput,
+        head_bucket: HeadBucketInput => HeadBucketOutput,
+        head_object: HeadObjectInput => HeadObjectOutput,
+        list_buckets: ListBucketsInput => ListBucketsOutput,
+        put_object: PutObjectInput => PutObjectOutput,
+        create_multipart_upload: CreateMultipartUploadInput => CreateMultipartUploadOutput,
+        upload_part: UploadPartInput => UploadPartOutput,
+        upload_part_copy: UploadPartCopyInput => UploadPartCopyOutput,
+        list_parts: ListPartsInput => ListPartsOutput,
+        complete_multipart_upload: CompleteMultipartUploadInput => CompleteMultipartUploadOutput,
+        abort_multipart_upload: AbortMultipartUploadInput => AbortMultipartUploadOutput,
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        let input = req.input;
+        if input.bucket.contains(['/', '\\']) || input.bucket.starts_with('.') {
+            return Err(s3_error!(InvalidBucketName));
+        }
+        let bucket_root = self.root.join(&input.bucket);
+        if !bucket_root.is_dir() {
+            return Err(s3_error!(NoSuchBucket));
+        }
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        let keys = tokio::task::spawn_blocking(move || {
+            keys_under(&bucket_root, &prefix, delimiter.as_deref())
+        })
+        .await
+        .map_err(|e| s3_error!(InternalError, "listing: {e}"))?
+        .map_err(|e| s3_error!(InternalError, "listing: {e}"))?;
+
+        // A page starts after the later of the continuation token and start-after.
+        let after = input
+            .continuation_token
+            .clone()
+            .max(input.start_after.clone())
+            .unwrap_or_default();
+        let max_keys = input.max_keys.unwrap_or(1000).max(0);
+        let mut page = keys
+            .into_iter()
+            .filter(|(key, _)| key.as_str() > after.as_str());
+        let (mut contents, mut common_prefixes) = (Vec::new(), Vec::new());
+        let mut last_key = None;
+        for (key, object) in page.by_ref().take(max_keys as usize) {
+            last_key = Some(key.clone());
+            match object {
+                Some(object) => contents.push(object),
+                None => common_prefixes.push(CommonPrefix { prefix: Some(key) }),
+            }
+        }
+        let is_truncated = page.next().is_some();
+        let output = ListObjectsV2Output {
+            key_count: Some((contents.len() + common_prefixes.len()) as i32),
+            max_keys: Some(max_keys),
+            is_truncated: Some(is_truncated),
+            contents: (!contents.is_empty()).then_some(contents),
+            common_prefixes: (!common_prefixes.is_empty()).then_some(common_prefixes),
+            next_continuation_token: last_key.filter(|_| is_truncated),
+            continuation_token: input.continuation_token,
+            delimiter: input.delimiter,
+            encoding_type: input.encoding_type,
+            name: Some(input.bucket),
+            prefix: input.prefix,
+            start_after: input.start_after,
+            ..Default::default()
+        };
+        Ok(S3Response::new(output))
+    }
+}
+
+/// Every key under `bucket_root` that starts with `prefix`, in order: an object, or (`None`) a
+/// common prefix when `delimiter` follows the prefix within the key. Only the folder the
+/// prefix names up to its last `/` is walked, and within it only folders the prefix can match.
+fn keys_under(
+    bucket_root: &Path,
+    prefix: &str,
+    delimiter: Option<&str>,
+) -> std::io::Result<BTreeMap<String, Option<Object>>> {
+    let mut keys = BTreeMap::new();
+    let start = prefix.rfind('/').map_or("", |end| &prefix[..end]);
+    let mut folders = vec![(bucket_root.join(start), start.to_owned())];
+    while let Some((folder, folder_key)) = folders.pop() {
+        let entries = match std::fs::read_dir(&folder) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let key = match folder_key.is_empty() {
+                true => name,
+                false => format!("{folder_key}/{name}"),
+            };
+            let metadata = entry.metadata()?;
+            if metadata.is_dir() {
+                let as_prefix = format!("{key}/");
+                if as_prefix.starts_with(prefix) || prefix.starts_with(&as_prefix) {
+                    folders.push((entry.path(), key));
+                }
+                continue;
+            }
+            let Some(rest) = key.strip_prefix(prefix) else {
+                continue;
+            };
+            match delimiter.and_then(|d| rest.find(d).map(|at| at + d.len())) {
+                Some(end) => {
+                    keys.insert(format!("{prefix}{}", &rest[..end]), None);
+                }
+                None => {
+                    let object = Object {
+                        last_modified: Some(Timestamp::from(metadata.modified()?)),
+                        size: Some(metadata.len() as i64),
+                        key: Some(key.clone()),
+                        ..Default::default()
+                    };
+                    keys.insert(key, Some(object));
+                }
+            }
+        }
+    }
+    Ok(keys)
 }
