@@ -358,13 +358,16 @@ impl SeenKeys {
                 index,
                 ..
             } = self;
-            if index
-                .find(hash, |i| stored_key(blocks, keys, *i) == key)
-                .is_some()
-            {
+            // One probe finds the key or the slot it goes in, as `Intake::add` does.
+            let entry = index.entry(
+                hash,
+                |i| stored_key(blocks, keys, *i) == key,
+                |i| KEY_HASHER.hash_one(stored_key(blocks, keys, *i)),
+            );
+            let SlotEntry::Vacant(slot) = entry else {
                 kept.append(false);
                 continue;
-            }
+            };
             let len = u32::try_from(key.len()).map_err(|_| {
                 DataFusionError::Execution("a key of 4 GiB or more cannot be kept".into())
             })?;
@@ -380,9 +383,7 @@ impl SeenKeys {
             let at = u32::try_from(keys.len())
                 .map_err(|_| DataFusionError::Execution("more than 4 billion keys".into()))?;
             keys.push((block as u32, start as u32, len));
-            index.insert_unique(hash, at, |i| {
-                KEY_HASHER.hash_one(stored_key(blocks, keys, *i))
-            });
+            slot.insert(at);
             kept.append(true);
         }
         self.count();
