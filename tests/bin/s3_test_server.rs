@@ -138,13 +138,6 @@ impl S3 for PrefixListing {
         }
         let prefix = input.prefix.clone().unwrap_or_default();
         let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
-        let keys = tokio::task::spawn_blocking(move || {
-            keys_under(&bucket_root, &prefix, delimiter.as_deref())
-        })
-        .await
-        .map_err(|e| s3_error!(InternalError, "listing: {e}"))?
-        .map_err(|e| s3_error!(InternalError, "listing: {e}"))?;
-
         // A page starts after the later of the continuation token and start-after.
         let after = input
             .continuation_token
@@ -152,19 +145,39 @@ impl S3 for PrefixListing {
             .max(input.start_after.clone())
             .unwrap_or_default();
         let max_keys = input.max_keys.unwrap_or(1000).max(0);
-        let mut page = keys
-            .into_iter()
-            .filter(|(key, _)| key.as_str() > after.as_str());
-        let (mut contents, mut common_prefixes) = (Vec::new(), Vec::new());
-        let mut last_key = None;
-        for (key, object) in page.by_ref().take(max_keys as usize) {
-            last_key = Some(key.clone());
-            match object {
-                Some(object) => contents.push(object),
-                None => common_prefixes.push(CommonPrefix { prefix: Some(key) }),
-            }
-        }
-        let is_truncated = page.next().is_some();
+        let (contents, common_prefixes, last_key, is_truncated) =
+            tokio::task::spawn_blocking(move || {
+                let keys = keys_under(&bucket_root, &prefix, delimiter.as_deref())?;
+                let mut page = keys.into_iter().filter(|(key, _)| *key > after);
+                let (mut contents, mut common_prefixes) = (Vec::new(), Vec::new());
+                let mut last_key = None;
+                for (key, path) in page.by_ref().take(max_keys as usize) {
+                    last_key = Some(key.clone());
+                    match path {
+                        // Only the objects on the page are looked up for size and date; one
+                        // deleted since the walk is left out, as S3 may leave it out.
+                        Some(path) => {
+                            let metadata = match std::fs::metadata(path) {
+                                Ok(metadata) => metadata,
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                                Err(e) => return Err(e),
+                            };
+                            contents.push(Object {
+                                last_modified: Some(Timestamp::from(metadata.modified()?)),
+                                size: Some(metadata.len() as i64),
+                                key: Some(key),
+                                ..Default::default()
+                            });
+                        }
+                        None => common_prefixes.push(CommonPrefix { prefix: Some(key) }),
+                    }
+                }
+                let is_truncated = page.next().is_some();
+                std::io::Result::Ok((contents, common_prefixes, last_key, is_truncated))
+            })
+            .await
+            .map_err(|e| s3_error!(InternalError, "listing: {e}"))?
+            .map_err(|e| s3_error!(InternalError, "listing: {e}"))?;
         let output = ListObjectsV2Output {
             key_count: Some((contents.len() + common_prefixes.len()) as i32),
             max_keys: Some(max_keys),
@@ -184,14 +197,15 @@ impl S3 for PrefixListing {
     }
 }
 
-/// Every key under `bucket_root` that starts with `prefix`, in order: an object, or (`None`) a
-/// common prefix when `delimiter` follows the prefix within the key. Only the folder the
-/// prefix names up to its last `/` is walked, and within it only folders the prefix can match.
+/// Every key under `bucket_root` that starts with `prefix`, in order: an object (its file), or
+/// (`None`) a common prefix when `delimiter` follows the prefix within the key. Only the folder
+/// the prefix names up to its last `/` is walked, and within it only folders the prefix can
+/// match.
 fn keys_under(
     bucket_root: &Path,
     prefix: &str,
     delimiter: Option<&str>,
-) -> std::io::Result<BTreeMap<String, Option<Object>>> {
+) -> std::io::Result<BTreeMap<String, Option<PathBuf>>> {
     let mut keys = BTreeMap::new();
     let start = prefix.rfind('/').map_or("", |end| &prefix[..end]);
     let mut folders = vec![(bucket_root.join(start), start.to_owned())];
@@ -210,8 +224,7 @@ fn keys_under(
                 true => name,
                 false => format!("{folder_key}/{name}"),
             };
-            let metadata = entry.metadata()?;
-            if metadata.is_dir() {
+            if entry.file_type()?.is_dir() {
                 let as_prefix = format!("{key}/");
                 if as_prefix.starts_with(prefix) || prefix.starts_with(&as_prefix) {
                     folders.push((entry.path(), key));
@@ -226,13 +239,7 @@ fn keys_under(
                     keys.insert(format!("{prefix}{}", &rest[..end]), None);
                 }
                 None => {
-                    let object = Object {
-                        last_modified: Some(Timestamp::from(metadata.modified()?)),
-                        size: Some(metadata.len() as i64),
-                        key: Some(key.clone()),
-                        ..Default::default()
-                    };
-                    keys.insert(key, Some(object));
+                    keys.insert(key, Some(entry.path()));
                 }
             }
         }
