@@ -7,7 +7,10 @@
 //!   that would shuffle both sides on its keys (`Partitioned`) is turned into a broadcast
 //!   join (`CollectLeft`: the build side is collected once and shared, the probe side keeps
 //!   its own partitioning) when the Delta log's row count says the build side is at most
-//!   [`SkewOptions::broadcast_max_rows`]. Without a shuffle on the join keys, a key that
+//!   [`SkewOptions::broadcast_max_rows`]. Only an exact count decides: an estimate below a
+//!   filter is DataFusion's guess of the filter's selectivity (a fifth of the rows), and
+//!   broadcasting on it hashed every order of the reference pipeline (1.55 GB) to join them
+//!   with a few thousand FX rates whose count was unknown. Without a shuffle on the join keys, a key that
 //!   holds a quarter of the probe rows (a marketplace's house account, a bot's session) no
 //!   longer lands on one partition. This is Spark's broadcast-join conversion, decided from
 //!   the table statistics rather than DataFusion's 1 MB / 128 K-row default. Hash
@@ -24,6 +27,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
 use datafusion::config::ConfigOptions;
 use datafusion::error::Result;
@@ -87,7 +91,10 @@ impl BroadcastSmallBuildSide {
         }
         let rows_of = |side: &Arc<dyn ExecutionPlan>| -> Result<Option<usize>> {
             let stats = StatisticsContext::new().compute(side.as_ref(), &StatisticsArgs::new())?;
-            Ok(stats.num_rows.get_value().copied())
+            Ok(match stats.num_rows {
+                Precision::Exact(rows) => Some(rows),
+                Precision::Inexact(_) | Precision::Absent => None,
+            })
         };
         let small = |rows: Option<usize>| rows.filter(|&r| r <= self.max_rows);
         // The build side must be the small one; when only the probe side is known to be
@@ -407,8 +414,12 @@ mod tests {
         Ok(())
     }
 
+    const FACTS_JOIN_DIM: &str =
+        "SELECT f.k, d.name, f.v FROM facts f LEFT JOIN dim d ON d.k = f.k";
+
     async fn joined_rows(
         broadcast_max_rows: usize,
+        sql: &str,
     ) -> Result<(u64, Vec<RepartitionImbalance>, String)> {
         let options = SessionOptions {
             target_partitions: Some(4),
@@ -431,7 +442,6 @@ mod tests {
         register(&ctx)?;
         let meter = skew_meter(&ctx)
             .ok_or_else(|| datafusion::error::DataFusionError::Internal("no meter".into()))?;
-        let sql = "SELECT f.k, d.name, f.v FROM facts f LEFT JOIN dim d ON d.k = f.k";
         let plan = ctx.sql(&format!("EXPLAIN {sql}")).await?.collect().await?;
         let plan = datafusion::arrow::util::pretty::pretty_format_batches(&plan)?.to_string();
         meter.take();
@@ -441,7 +451,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_hot_key_skews_the_shuffle_and_broadcasting_removes_it() -> Result<()> {
-        let (rows, shuffled, plan) = joined_rows(0).await?;
+        let (rows, shuffled, plan) = joined_rows(0, FACTS_JOIN_DIM).await?;
         assert_eq!(rows, 4000);
         assert!(plan.contains("mode=Partitioned"), "{plan}");
         let worst = shuffled.iter().map(|r| r.imbalance).fold(0.0, f64::max);
@@ -449,10 +459,22 @@ mod tests {
         assert!(worst >= 2.0, "{shuffled:?}");
         assert!(shuffled.iter().any(|r| r.keys == "k"), "{shuffled:?}");
 
-        let (rows, broadcast, plan) = joined_rows(1000).await?;
+        let (rows, broadcast, plan) = joined_rows(1000, FACTS_JOIN_DIM).await?;
         assert_eq!(rows, 4000);
         assert!(plan.contains("mode=CollectLeft"), "{plan}");
         assert!(!broadcast.iter().any(|r| r.keys == "k"), "{broadcast:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_side_whose_count_is_only_estimated_is_not_broadcast() -> Result<()> {
+        // DataFusion estimates the filter keeps a fifth of the facts (800 rows, under the
+        // limit); it keeps two thirds. The other side, an aggregation, has no count at all.
+        let sql = "SELECT f.k, d.n, f.v FROM (SELECT * FROM facts WHERE v % 3 <> 1) f \
+                   JOIN (SELECT k, count(*) AS n FROM dim GROUP BY k) d ON d.k = f.k";
+        let (rows, _, plan) = joined_rows(1000, sql).await?;
+        assert_eq!(rows, 2667);
+        assert!(plan.contains("mode=Partitioned"), "{plan}");
         Ok(())
     }
 }

@@ -6,6 +6,11 @@
 -- force (until the currency's next rate, or the last order's hour), which turns the as-of
 -- lookup into an equi-join on (currency, hour). The spread table has at most
 -- currencies x hours rows, whatever the number of orders.
+--
+-- The spread rates come first, as the join's build side: a hash join builds its table from
+-- the left input and keeps it so unless statistics say the right is smaller, and the spread
+-- table has none. With the orders on the left, SF 10 hashed 9.9 M orders (1.55 GB, 2.3 s)
+-- to probe them with 19 K rates.
 WITH rates AS (
     SELECT
         currency,
@@ -37,7 +42,7 @@ SELECT
             / CASE WHEN o.currency = 'USD' THEN 1.0 ELSE r.rate END,
         0.0
     ) AS revenue_usd
-FROM silver.orders o
-LEFT JOIN rate_by_hour r
+FROM rate_by_hour r
+RIGHT JOIN silver.orders o
     ON r.currency = o.currency
    AND r.hour = to_unixtime(o.order_ts) / 3600
