@@ -120,6 +120,27 @@ struct RowSlots {
     found: Vec<bool>,
     ranges: Vec<Option<(usize, usize)>>,
     scratch: String,
+    /// The wanted key that the n-th key of the previous object was (None: not wanted).
+    /// Messages from one producer keep one key order, so this guess spares comparing each
+    /// key with every wanted name before its own (`perf`, silver at SF 1: the key comparisons
+    /// under `read_object` fell from 1.5% to 0.7% of the CPU).
+    order: Vec<Option<usize>>,
+}
+
+impl RowSlots {
+    /// Which wanted key `key`, the `nth` of its object, is; remembered for the next object.
+    fn slot_of(&mut self, keys: &[String], nth: usize, key: &str) -> Option<usize> {
+        let guess = self.order.get(nth).copied().flatten();
+        if let Some(i) = guess.filter(|i| keys[*i] == key) {
+            return Some(i);
+        }
+        let slot = keys.iter().position(|k| k == key);
+        match self.order.get_mut(nth) {
+            Some(seen) => *seen = slot,
+            None => self.order.push(slot),
+        }
+        slot
+    }
 }
 
 fn extract<'a>(
@@ -135,6 +156,7 @@ fn extract<'a>(
         found: vec![false; keys.len()],
         ranges: vec![None; keys.len()],
         scratch: String::new(),
+        order: Vec::new(),
     };
     for value in values {
         row.found.fill(false);
@@ -164,8 +186,11 @@ fn read_object(json: &str, keys: &[String], row: &mut RowSlots) -> jiter::JiterR
         return Ok(());
     }
     // The key is matched while jiter still lends it: no allocation per key.
-    let position = |key: &str| keys.iter().position(|k| k == key);
-    let mut next = jiter.known_object()?.map(position);
+    let mut nth = 0;
+    let mut next = match jiter.known_object()? {
+        Some(key) => Some(row.slot_of(keys, nth, key)),
+        None => None,
+    };
     let mut remaining = keys.len();
     while let Some(key) = next {
         let slot = key.filter(|i| !row.found[*i]);
@@ -195,7 +220,11 @@ fn read_object(json: &str, keys: &[String], row: &mut RowSlots) -> jiter::JiterR
             }
             None => jiter.next_skip()?,
         }
-        next = jiter.next_key()?.map(position);
+        nth += 1;
+        next = match jiter.next_key()? {
+            Some(key) => Some(row.slot_of(keys, nth, key)),
+            None => None,
+        };
     }
     Ok(())
 }
@@ -239,6 +268,24 @@ mod tests {
                 None
             ]
         );
+    }
+
+    #[test]
+    fn objects_whose_keys_come_in_other_orders_read_the_same() {
+        let keys: Vec<String> = ["a", "b", "c"].iter().map(|k| (*k).to_string()).collect();
+        let rows = [
+            r#"{"a":"1","b":"2","c":"3"}"#,
+            r#"{"c":"3","x":"0","a":"1","b":"2"}"#,
+            r#"{"b":"2","a":"1"}"#,
+            r#"{"a":"1","b":"2","c":"3"}"#,
+        ];
+        let out = extract(rows.iter().map(|r| Some(*r)), &keys, rows.len());
+        let out = out.as_struct();
+        let column =
+            |i: usize| -> Vec<Option<&str>> { out.column(i).as_string::<i32>().iter().collect() };
+        assert_eq!(column(0), vec![Some("1"); 4]);
+        assert_eq!(column(1), vec![Some("2"); 4]);
+        assert_eq!(column(2), vec![Some("3"), Some("3"), None, Some("3")]);
     }
 
     #[test]
