@@ -187,10 +187,7 @@ fn read_object(json: &str, keys: &[String], row: &mut RowSlots) -> jiter::JiterR
     }
     // The key is matched while jiter still lends it: no allocation per key.
     let mut nth = 0;
-    let mut next = match jiter.known_object()? {
-        Some(key) => Some(row.slot_of(keys, nth, key)),
-        None => None,
-    };
+    let mut next = jiter.known_object()?.map(|key| row.slot_of(keys, nth, key));
     let mut remaining = keys.len();
     while let Some(key) = next {
         let slot = key.filter(|i| !row.found[*i]);
@@ -221,10 +218,7 @@ fn read_object(json: &str, keys: &[String], row: &mut RowSlots) -> jiter::JiterR
             None => jiter.next_skip()?,
         }
         nth += 1;
-        next = match jiter.next_key()? {
-            Some(key) => Some(row.slot_of(keys, nth, key)),
-            None => None,
-        };
+        next = jiter.next_key()?.map(|key| row.slot_of(keys, nth, key));
     }
     Ok(())
 }
