@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Builder, StringBuilder};
+use arrow::array::{Array as _, ArrayRef, Int64Builder, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
@@ -336,7 +336,14 @@ impl RowsBuilder {
         let mut columns: Vec<ArrayRef> = self
             .data
             .iter_mut()
-            .map(|b| Arc::new(b.finish()) as ArrayRef)
+            .map(|b| {
+                let column = b.finish();
+                // The next batch of a file is shaped like this one. A builder left to grow
+                // from empty copies what it holds at every doubling (`perf`, bronze at SF 1:
+                // these copies fell from 1.4% to 0.6% of its CPU; the first batch still grows).
+                *b = StringBuilder::with_capacity(column.len(), column.value_data().len());
+                Arc::new(column) as ArrayRef
+            })
             .collect();
         columns.push(Arc::new(self.corrupt.finish()));
         let mut files = StringBuilder::with_capacity(self.len, self.len * self.location.len());
