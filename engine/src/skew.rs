@@ -9,10 +9,10 @@
 //!   its own partitioning) when the Delta log's row count says the build side is at most
 //!   [`SkewOptions::broadcast_max_rows`]. Only an exact count decides: an estimate below a
 //!   filter is DataFusion's guess of the filter's selectivity (a fifth of the rows), and
-//!   broadcasting on it hashed every order of the reference pipeline (1.55 GB) to join them
-//!   with a few thousand FX rates whose count was unknown. Without a shuffle on the join keys, a key that
-//!   holds a quarter of the probe rows (a marketplace's house account, a bot's session) no
-//!   longer lands on one partition. This is Spark's broadcast-join conversion, decided from
+//!   broadcasting on it hashed 4.9 M filtered orders of the reference pipeline (776 MB) to
+//!   join them with 19 K FX rates whose count was unknown. Without a shuffle on the join
+//!   keys, a key that holds a quarter of the probe rows (a marketplace's house account, a
+//!   bot's session) no longer lands on one partition. This is Spark's broadcast-join conversion, decided from
 //!   the table statistics rather than DataFusion's 1 MB / 128 K-row default. Hash
 //!   aggregations need no rule of their own: DataFusion pre-aggregates every partition
 //!   before it shuffles on the group keys, so a hot group arrives as one row per partition.
