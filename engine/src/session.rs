@@ -10,7 +10,9 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 
 use crate::error::Result;
-use crate::skew::{BroadcastSmallBuildSide, MeterHashRepartitions, SkewMeter, SkewOptions};
+use crate::skew::{
+    BroadcastSmallBuildSide, CombineHotGroups, MeterHashRepartitions, SkewMeter, SkewOptions,
+};
 use crate::udf;
 
 /// The schemas tables are registered under: `bronze.orders`, `silver.orders`, ...
@@ -108,6 +110,9 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
                 options.skew.broadcast_max_rows,
             )) as _);
         }
+    }
+    if options.skew.combine_hot_groups {
+        physical_rules.push(Arc::new(CombineHotGroups) as _);
     }
     physical_rules.push(Arc::new(MeterHashRepartitions::new(meter)) as _);
     let state = SessionStateBuilder::new()

@@ -50,6 +50,11 @@ enum Command {
         /// (Spark's autoBroadcastJoinThreshold, in rows); 0 turns it off.
         #[arg(long, env = "MEDALLION_BROADCAST_MAX_ROWS", default_value_t = medallion_engine::skew::DEFAULT_BROADCAST_MAX_ROWS)]
         broadcast_max_rows: usize,
+        /// Hash aggregations sample their group keys before they shuffle, and merge the rows
+        /// of a key that would load one partition into one row per input partition
+        /// (`false` turns it off).
+        #[arg(long, env = "MEDALLION_COMBINE_HOT_GROUPS", default_value_t = true, action = clap::ArgAction::Set)]
+        combine_hot_groups: bool,
         /// A gold model rebuilt by partition is built a slice of partitions at a time, each
         /// reading at most about this many rows of its `rebuild_by` inputs, so its joins and
         /// aggregations hold one slice's groups instead of the whole table's.
@@ -239,6 +244,7 @@ async fn dispatch(command: Command) -> i32 {
             target_partitions,
             memory_limit,
             broadcast_max_rows,
+            combine_hot_groups,
             slice_rows,
             lease_ttl,
             lease_wait,
@@ -265,7 +271,10 @@ async fn dispatch(command: Command) -> i32 {
                 session: medallion_engine::session::SessionOptions {
                     target_partitions,
                     memory_limit,
-                    skew: medallion_engine::skew::SkewOptions { broadcast_max_rows },
+                    skew: medallion_engine::skew::SkewOptions {
+                        broadcast_max_rows,
+                        combine_hot_groups,
+                    },
                     ..Default::default()
                 },
                 lease: medallion_jobs::run::LeaseOptions {
