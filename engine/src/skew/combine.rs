@@ -38,7 +38,7 @@ use datafusion::arrow::compute::kernels::cmp::eq;
 use datafusion::arrow::compute::{
     and, concat, filter_record_batch, not, or, prep_null_mask_filter, take,
 };
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::hash_utils::{RandomState, create_hashes};
@@ -184,11 +184,10 @@ impl HotGroupCombineExec {
         }
         let schema = input.schema();
         let group_columns = groups.expr().len();
-        let key_fields: Vec<SortField> = schema.fields()[..group_columns]
+        if !schema.fields()[..group_columns]
             .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect();
-        if !RowConverter::supports_fields(&key_fields) {
+            .all(|f| comparable_key(f.data_type()))
+        {
             return Ok(None);
         }
         let mut aggregates = Vec::with_capacity(aggregate.aggr_expr().len());
@@ -217,6 +216,41 @@ impl HotGroupCombineExec {
             metrics: ExecutionPlanMetricsSet::new(),
         }))
     }
+}
+
+/// Whether rows of a group key of this type are found by `=` exactly as the aggregation
+/// groups them, and the key's value comes back from the row format in its own type. Floats
+/// are not (`-0.0` and `0.0`), nor dictionaries (they come back as their values).
+fn comparable_key(data_type: &DataType) -> bool {
+    use DataType::*;
+    matches!(
+        data_type,
+        Boolean
+            | Int8
+            | Int16
+            | Int32
+            | Int64
+            | UInt8
+            | UInt16
+            | UInt32
+            | UInt64
+            | Decimal32(..)
+            | Decimal64(..)
+            | Decimal128(..)
+            | Decimal256(..)
+            | Date32
+            | Date64
+            | Time32(_)
+            | Time64(_)
+            | Timestamp(..)
+            | Utf8
+            | LargeUtf8
+            | Utf8View
+            | Binary
+            | LargeBinary
+            | BinaryView
+            | FixedSizeBinary(_)
+    )
 }
 
 impl DisplayAs for HotGroupCombineExec {
