@@ -384,31 +384,48 @@ mod tests {
     use datafusion::arrow::record_batch::RecordBatch;
     use datafusion::datasource::MemTable;
 
-    /// 4,000 fact rows, half of them on one key, and a 100-row dimension.
-    fn register(ctx: &datafusion::prelude::SessionContext) -> Result<()> {
-        let facts = Arc::new(Schema::new(vec![
+    /// `parts` partitions of `batches` batches of `batch_rows` rows: `k` is "hot" on even
+    /// rows and one of `cold_keys` keys on odd ones, `v` the row's number.
+    fn hot_facts(
+        parts: usize,
+        batches: usize,
+        batch_rows: usize,
+        cold_keys: usize,
+    ) -> Result<MemTable> {
+        let schema = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Utf8, false),
             Field::new("v", DataType::Int64, false),
         ]));
-        let keys: Vec<String> = (0..4000)
+        let rows = parts * batches * batch_rows;
+        let keys: Vec<String> = (0..rows)
             .map(|i| {
                 if i % 2 == 0 {
                     "hot".into()
                 } else {
-                    format!("k{}", i % 99)
+                    format!("k{}", i % cold_keys)
                 }
             })
             .collect();
-        let batch = RecordBatch::try_new(
-            Arc::clone(&facts),
+        let all = RecordBatch::try_new(
+            Arc::clone(&schema),
             vec![
                 Arc::new(StringArray::from(keys)),
-                Arc::new(Int64Array::from_iter_values(0..4000)),
+                Arc::new(Int64Array::from_iter_values(0..rows as i64)),
             ],
         )?;
-        let parts: Vec<Vec<RecordBatch>> =
-            (0..4).map(|i| vec![batch.slice(i * 1000, 1000)]).collect();
-        ctx.register_table("facts", Arc::new(MemTable::try_new(facts, parts)?))?;
+        let partitions = (0..parts)
+            .map(|p| {
+                (0..batches)
+                    .map(|b| all.slice((p * batches + b) * batch_rows, batch_rows))
+                    .collect()
+            })
+            .collect();
+        MemTable::try_new(schema, partitions)
+    }
+
+    /// 4,000 fact rows, half of them on one key, and a 100-row dimension.
+    fn register(ctx: &datafusion::prelude::SessionContext) -> Result<()> {
+        ctx.register_table("facts", Arc::new(hot_facts(4, 1, 1000, 99)?))?;
         let dim = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Utf8, false),
             Field::new("name", DataType::Utf8, false),
@@ -513,35 +530,7 @@ mod tests {
         };
         let ctx = new_session(&options)
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Utf8, false),
-            Field::new("v", DataType::Int64, false),
-        ]));
-        let rows = 4 * 64 * 1024;
-        let keys: Vec<String> = (0..rows)
-            .map(|i| {
-                if i % 2 == 0 {
-                    "hot".into()
-                } else {
-                    format!("k{}", i % 5003)
-                }
-            })
-            .collect();
-        let all = RecordBatch::try_new(
-            Arc::clone(&schema),
-            vec![
-                Arc::new(StringArray::from(keys)),
-                Arc::new(Int64Array::from_iter_values(0..rows as i64)),
-            ],
-        )?;
-        let parts: Vec<Vec<RecordBatch>> = (0..4)
-            .map(|p| {
-                (0..8)
-                    .map(|b| all.slice(p * 64 * 1024 + b * 8 * 1024, 8 * 1024))
-                    .collect()
-            })
-            .collect();
-        ctx.register_table("big", Arc::new(MemTable::try_new(schema, parts)?))?;
+        ctx.register_table("big", Arc::new(hot_facts(4, 8, 8 * 1024, 5003)?))?;
         let meter = skew_meter(&ctx)
             .ok_or_else(|| datafusion::error::DataFusionError::Internal("no meter".into()))?;
         let sql = "SELECT k, count(*) AS n, sum(v) AS total, min(v) AS lo, max(v) AS hi \
