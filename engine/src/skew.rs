@@ -28,6 +28,40 @@
 //!
 //! This module decides how rows are spread; it never changes which rows a query returns.
 
+/// The `ExecutionPlan` methods of this module's plan nodes that are the same for each: one
+/// input named `input`, no expressions of their own, nothing gained from a repartitioned
+/// input, and DataFusion's deprecated `with_new_children` answered by `replace_children`.
+macro_rules! one_input_plan_methods {
+    () => {
+        fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+            vec![&self.input]
+        }
+
+        fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+            vec![false]
+        }
+
+        fn apply_expressions(
+            &self,
+            _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+        ) -> Result<TreeNodeRecursion> {
+            Ok(TreeNodeRecursion::Continue)
+        }
+
+        fn with_new_children(
+            self: Arc<Self>,
+            children: Vec<Arc<dyn ExecutionPlan>>,
+        ) -> Result<Arc<dyn ExecutionPlan>> {
+            self.replace_children(
+                children,
+                ReplaceChildrenOptions::new(
+                    datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+                ),
+            )
+        }
+    };
+}
+
 pub mod combine;
 
 use std::fmt;
@@ -308,6 +342,8 @@ impl DisplayAs for PartitionRowsExec {
 }
 
 impl ExecutionPlan for PartitionRowsExec {
+    one_input_plan_methods!();
+
     fn name(&self) -> &str {
         "PartitionRowsExec"
     }
@@ -316,23 +352,8 @@ impl ExecutionPlan for PartitionRowsExec {
         self.input.properties()
     }
 
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-
     fn maintains_input_order(&self) -> Vec<bool> {
         vec![true]
-    }
-
-    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
-        vec![false]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
     }
 
     fn replace_children(
@@ -344,18 +365,6 @@ impl ExecutionPlan for PartitionRowsExec {
             input: children.swap_remove(0),
             counter: Arc::clone(&self.counter),
         }))
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(
-                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
-            ),
-        )
     }
 
     fn execute(

@@ -264,6 +264,8 @@ impl DisplayAs for HotGroupCombineExec {
 }
 
 impl ExecutionPlan for HotGroupCombineExec {
+    one_input_plan_methods!();
+
     fn name(&self) -> &str {
         "HotGroupCombineExec"
     }
@@ -272,23 +274,8 @@ impl ExecutionPlan for HotGroupCombineExec {
         &self.properties
     }
 
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-
     fn maintains_input_order(&self) -> Vec<bool> {
         vec![false]
-    }
-
-    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
-        vec![false]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
     }
 
     fn replace_children(
@@ -310,18 +297,6 @@ impl ExecutionPlan for HotGroupCombineExec {
             hot_share_inverse: self.hot_share_inverse,
             metrics: ExecutionPlanMetricsSet::new(),
         }))
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(
-                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
-            ),
-        )
     }
 
     fn metrics(&self) -> Option<MetricsSet> {
