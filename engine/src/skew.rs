@@ -289,24 +289,17 @@ impl PhysicalOptimizerRule for MeterHashRepartitions {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_up(|node| {
-            let Some(repartition) = node.downcast_ref::<RepartitionExec>() else {
-                return Ok(Transformed::no(node));
-            };
-            let Partitioning::Hash(exprs, n) = repartition.partitioning() else {
-                return Ok(Transformed::no(node));
-            };
+        rewrite_hash_repartitions(plan, |node, _, exprs, n| {
             let counter = Arc::new(PartitionRows {
                 keys: describe_keys(exprs.iter()),
-                rows: (0..*n).map(|_| AtomicU64::new(0)).collect(),
+                rows: (0..n).map(|_| AtomicU64::new(0)).collect(),
             });
             self.meter.register(Arc::clone(&counter));
-            Ok(Transformed::yes(Arc::new(PartitionRowsExec {
-                input: node,
+            Ok(Some(Arc::new(PartitionRowsExec {
+                input: Arc::clone(node),
                 counter,
-            }) as Arc<dyn ExecutionPlan>))
+            })))
         })
-        .data()
     }
 
     fn name(&self) -> &str {
@@ -316,6 +309,33 @@ impl PhysicalOptimizerRule for MeterHashRepartitions {
     fn schema_check(&self) -> bool {
         true
     }
+}
+
+/// `plan` with each hash repartition replaced by what `rewrite` returns for it (the node,
+/// the repartition, its keys and its partition count), bottom up; `None` keeps it.
+fn rewrite_hash_repartitions(
+    plan: Arc<dyn ExecutionPlan>,
+    mut rewrite: impl FnMut(
+        &Arc<dyn ExecutionPlan>,
+        &RepartitionExec,
+        &[Arc<dyn PhysicalExpr>],
+        usize,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        let replaced = match node.downcast_ref::<RepartitionExec>() {
+            Some(repartition) => match repartition.partitioning() {
+                Partitioning::Hash(exprs, n) => rewrite(&node, repartition, exprs, *n)?,
+                _ => None,
+            },
+            None => None,
+        };
+        Ok(match replaced {
+            Some(new) => Transformed::yes(new),
+            None => Transformed::no(node),
+        })
+    })
+    .data()
 }
 
 fn describe_keys<'a>(exprs: impl Iterator<Item = &'a Arc<dyn PhysicalExpr>>) -> String {

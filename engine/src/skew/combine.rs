@@ -42,7 +42,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::hash_utils::{RandomState, create_hashes};
-use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::config::ConfigOptions;
 use datafusion::error::Result;
 use datafusion::execution::TaskContext;
@@ -55,11 +55,10 @@ use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::metrics::{
     Count, ExecutionPlanMetricsSet, Gauge, MetricBuilder, MetricsSet,
 };
-use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, InputOrderMode,
-    Partitioning, PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
+    PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
 };
 use futures::StreamExt;
 use hashbrown::HashMap;
@@ -104,29 +103,21 @@ impl PhysicalOptimizerRule for CombineHotGroups {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_up(|node| {
-            let Some(repartition) = node.downcast_ref::<RepartitionExec>() else {
-                return Ok(Transformed::no(node));
-            };
-            let Partitioning::Hash(_, partitions) = repartition.partitioning() else {
-                return Ok(Transformed::no(node));
-            };
+        super::rewrite_hash_repartitions(plan, |node, repartition, _, partitions| {
             if repartition.preserve_order() {
-                return Ok(Transformed::no(node));
+                return Ok(None);
             }
-            let input = repartition.input();
-            let Some(combine) = HotGroupCombineExec::over(input, *partitions)? else {
-                return Ok(Transformed::no(node));
+            let Some(combine) = HotGroupCombineExec::over(repartition.input(), partitions)? else {
+                return Ok(None);
             };
-            let combined = Arc::clone(&node).replace_children(
+            let combined = Arc::clone(node).replace_children(
                 vec![Arc::new(combine)],
                 ReplaceChildrenOptions::new(
                     datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
                 ),
             )?;
-            Ok(Transformed::yes(combined))
+            Ok(Some(combined))
         })
-        .data()
     }
 
     fn name(&self) -> &str {
