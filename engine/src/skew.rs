@@ -19,8 +19,8 @@
 //!   every partition before it shuffles on the group keys, but that partial stage gives up
 //!   on inputs with many groups, and then a hot group's rows all reach one partition. The
 //!   rule samples the keys below the shuffle and merges a hot key's rows there (see
-//!   [`combine`]). Spark's AQE splits skewed joins only; this is its salted pre-aggregation,
-//!   done without a salt.
+//!   [`combine`]). Spark's AQE splits skewed joins only; for aggregations, Spark users salt
+//!   hot keys by hand, and this rule does that pre-aggregation without a salt.
 //! - [`MeterHashRepartitions`] runs last. It puts a row counter above every hash
 //!   repartition, and [`SkewMeter::take`] turns the counts into each repartition's
 //!   imbalance: the largest output partition's rows over the mean. Runs report it per table
