@@ -154,7 +154,8 @@ impl HotGroupCombineExec {
         let Some(aggregate) = input.downcast_ref::<AggregateExec>() else {
             return Ok(None);
         };
-        if partitions < 2 {
+        // An unbounded input never ends, so the hot states would never be emitted.
+        if partitions < 2 || input.boundedness().is_unbounded() {
             return Ok(None);
         }
         let groups = aggregate.group_expr();
