@@ -336,12 +336,8 @@ struct HotGroups {
     group_columns: usize,
     accumulators: Vec<(Box<dyn GroupsAccumulator>, Range<usize>)>,
     converter: RowConverter,
-    /// Per hot key, its value as one-row arrays, one per group column.
-    hot: Vec<Vec<ArrayRef>>,
-    /// Per hot key, the hash of its row encoding, so that sampling passes it by.
-    hot_hashes: Vec<u64>,
-    /// Per hot key, the rows merged into its state.
-    merged: Vec<u64>,
+    /// The hot keys, in the order of their accumulators' groups.
+    hot: Vec<HotKey>,
     candidates: Vec<Candidate>,
     /// Sightings in a window that make a key a candidate: a quarter of the hot share.
     candidate_sightings: usize,
@@ -369,6 +365,16 @@ struct HotGroups {
     ready: VecDeque<RecordBatch>,
     combined_rows: Count,
     hot_keys: Gauge,
+}
+
+/// A key whose rows are merged.
+struct HotKey {
+    /// Its value as one-row arrays, one per group column.
+    key: Vec<ArrayRef>,
+    /// The hash sampling counts keys by; a hot key is no longer counted.
+    hash: u64,
+    /// Rows merged into its state.
+    merged: u64,
 }
 
 /// A key that filled a window's share: watched until its share over several windows says
@@ -401,8 +407,6 @@ impl HotGroups {
             accumulators,
             converter,
             hot: Vec::new(),
-            hot_hashes: Vec::new(),
-            merged: Vec::new(),
             candidates: Vec::new(),
             candidate_sightings: (SAMPLE_WINDOW / (2 * hot_share_inverse))
                 .max(MIN_CANDIDATE_SIGHTINGS),
@@ -452,7 +456,7 @@ impl HotGroups {
         let matches = self
             .hot
             .iter()
-            .map(|key| self.matches(&batch, key))
+            .map(|hot| self.matches(&batch, &hot.key))
             .collect::<Result<Vec<_>>>()?;
         let mut any = matches[0].clone();
         for m in &matches[1..] {
@@ -476,8 +480,8 @@ impl HotGroups {
                 .map(|row| key_of_row[row])
                 .collect()
         };
-        for (key, m) in matches.iter().enumerate() {
-            self.merged[key] += m.true_count() as u64;
+        for (hot, m) in self.hot.iter_mut().zip(&matches) {
+            hot.merged += m.true_count() as u64;
         }
         let hot_rows = filter_record_batch(&batch, &any)?;
         for (accumulator, states) in &mut self.accumulators {
@@ -539,7 +543,7 @@ impl HotGroups {
         for (pick, &hash) in hashes.iter().enumerate() {
             if let Some(candidate) = self.candidates.iter_mut().find(|c| c.hash == hash) {
                 candidate.seen += 1;
-            } else if !self.hot_hashes.contains(&hash) {
+            } else if !self.hot.iter().any(|hot| hot.hash == hash) {
                 let seen = self.window.entry(hash).or_default();
                 *seen += 1;
                 if *seen == self.candidate_sightings
@@ -600,9 +604,11 @@ impl HotGroups {
                     share = candidate.seen as f64 / sampled as f64,
                     "combining a hot group's states before the shuffle"
                 );
-                self.hot.push(candidate.key);
-                self.hot_hashes.push(candidate.hash);
-                self.merged.push(0);
+                self.hot.push(HotKey {
+                    key: candidate.key,
+                    hash: candidate.hash,
+                    merged: 0,
+                });
                 self.hot_keys.set(self.hot.len());
             } else if !judged || 2 * scaled >= sampled {
                 kept.push(candidate);
@@ -624,12 +630,13 @@ impl HotGroups {
     fn finish(&mut self) -> Result<()> {
         self.release()?;
         let keys = self.hot.len();
-        if !self.merged.iter().any(|&n| n > 0) {
+        if !self.hot.iter().any(|hot| hot.merged > 0) {
             return Ok(());
         }
         let mut columns: Vec<ArrayRef> = (0..self.group_columns)
             .map(|c| {
-                let values: Vec<&dyn Array> = self.hot.iter().map(|k| k[c].as_ref()).collect();
+                let values: Vec<&dyn Array> =
+                    self.hot.iter().map(|hot| hot.key[c].as_ref()).collect();
                 concat(&values)
             })
             .collect::<std::result::Result<_, _>>()?;
@@ -643,7 +650,7 @@ impl HotGroups {
             columns.extend(accumulator.state(EmitTo::All)?);
         }
         let batch = RecordBatch::try_new(Arc::clone(&self.schema), columns)?;
-        let met = BooleanArray::from(self.merged.iter().map(|&n| n > 0).collect::<Vec<_>>());
+        let met = BooleanArray::from_iter(self.hot.iter().map(|hot| Some(hot.merged > 0)));
         self.ready.push_back(filter_record_batch(&batch, &met)?);
         Ok(())
     }
