@@ -1,6 +1,7 @@
 //! Scalar functions the engine adds to every session.
 //!
-//! `json_tuple(text, 'k1', 'k2', …)` is in [`json_tuple`].
+//! `json_tuple(text, 'k1', 'k2', …)` is in [`json_tuple`]; the kernels that projections'
+//! text-to-decimal and timestamp-to-date casts are planned onto are in [`cast`].
 //!
 //! `parse_timestamp(text)` reads exactly the three timestamp spellings landed data may use
 //! (`2026-03-01T12:34:56Z`, `2026-03-01T14:34:56+02:00`, `2026-03-01 12:34:56` meaning UTC)
@@ -8,7 +9,10 @@
 //! as `2026-02-30T00:00:00Z`. A cast would accept more spellings (fractions, `T` without zone)
 //! and fail the whole query on a bad value; a quality rule needs a null instead.
 
+mod cast;
 mod json_tuple;
+
+pub use cast::{FastCasts, text_to_decimal, utc_date};
 
 pub use json_tuple::json_tuple_udf;
 
