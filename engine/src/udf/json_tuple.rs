@@ -115,11 +115,9 @@ impl ScalarUDFImpl for JsonTuple {
     }
 }
 
-/// Per row: the byte range in `scratch` of each key's text, or `None`.
+/// Per row: which wanted keys were read (their builders took a value or a null).
 struct RowSlots {
     found: Vec<bool>,
-    ranges: Vec<Option<(usize, usize)>>,
-    scratch: String,
     /// The wanted key that the n-th key of the previous object was (None: not wanted).
     /// Messages from one producer keep one key order, so this guess spares comparing each
     /// key with every wanted name before its own (`perf`, silver at SF 1: the key comparisons
@@ -154,22 +152,17 @@ fn extract<'a>(
         .collect();
     let mut row = RowSlots {
         found: vec![false; keys.len()],
-        ranges: vec![None; keys.len()],
-        scratch: String::new(),
         order: Vec::new(),
     };
     for value in values {
         row.found.fill(false);
-        row.ranges.fill(None);
-        row.scratch.clear();
         if let Some(json) = value {
             // A syntax error ends the row: the fields found before it stay, as with json_as_text.
-            let _ = read_object(json, keys, &mut row);
+            let _ = read_object(json, keys, &mut row, &mut builders);
         }
-        for (builder, range) in builders.iter_mut().zip(&row.ranges) {
-            match range {
-                Some((start, end)) => builder.append_value(&row.scratch[*start..*end]),
-                None => builder.append_null(),
+        for (builder, found) in builders.iter_mut().zip(&row.found) {
+            if !found {
+                builder.append_null();
             }
         }
     }
@@ -180,7 +173,15 @@ fn extract<'a>(
     Arc::new(StructArray::new(output_fields(keys), columns, None))
 }
 
-fn read_object(json: &str, keys: &[String], row: &mut RowSlots) -> jiter::JiterResult<()> {
+/// Appends each wanted field of one object to its builder as it is read (values go straight
+/// from the document, or jiter's unescaped copy, to the column); the caller appends a null to
+/// the builders of the fields not found.
+fn read_object(
+    json: &str,
+    keys: &[String],
+    row: &mut RowSlots,
+    builders: &mut [StringBuilder],
+) -> jiter::JiterResult<()> {
     let mut jiter = Jiter::new(json.as_bytes());
     if jiter.peek()? != Peek::Object {
         return Ok(());
@@ -193,24 +194,23 @@ fn read_object(json: &str, keys: &[String], row: &mut RowSlots) -> jiter::JiterR
         let slot = key.filter(|i| !row.found[*i]);
         match slot {
             Some(i) => {
-                row.found[i] = true;
-                remaining -= 1;
-                let start = row.scratch.len();
                 match jiter.peek()? {
-                    Peek::Null => jiter.known_null()?,
-                    Peek::String => {
-                        row.scratch.push_str(jiter.known_str()?);
-                        row.ranges[i] = Some((start, row.scratch.len()));
+                    Peek::Null => {
+                        jiter.known_null()?;
+                        builders[i].append_null();
                     }
+                    Peek::String => builders[i].append_value(jiter.known_str()?),
                     peek => {
                         let from = jiter.current_index();
                         jiter.known_skip(peek)?;
-                        if let Some(raw) = json.get(from..jiter.current_index()) {
-                            row.scratch.push_str(raw);
-                            row.ranges[i] = Some((start, row.scratch.len()));
+                        match json.get(from..jiter.current_index()) {
+                            Some(raw) => builders[i].append_value(raw),
+                            None => builders[i].append_null(),
                         }
                     }
                 }
+                row.found[i] = true;
+                remaining -= 1;
                 if remaining == 0 {
                     return Ok(());
                 }
