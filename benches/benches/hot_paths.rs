@@ -156,6 +156,66 @@ fn bench_timestamps(c: &mut Criterion) {
     group.finish();
 }
 
+/// The two casts silver makes on every row, by arrow's kernel and by the engine's own, on the
+/// same values: prices as text to `DECIMAL(18, 2)`, and UTC instants to their dates.
+fn bench_casts(c: &mut Criterion) -> BenchResult<()> {
+    use arrow::array::{ArrayRef, StringViewArray, TimestampMicrosecondArray};
+    use arrow::compute::kernels::cast::cast;
+    use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF};
+
+    let mut group = c.benchmark_group("cast");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
+    let n = 100_000u32;
+    group.throughput(Throughput::Elements(u64::from(n)));
+    let prices: ArrayRef = Arc::new(StringViewArray::from_iter_values(
+        (0..n).map(|i| format!("{}.{:02}", 1 + i % 5_000, i % 100)),
+    ));
+    let instants: ArrayRef = Arc::new(
+        TimestampMicrosecondArray::from_iter_values(
+            (0..n).map(|i| 1_767_225_600_000_000 + i64::from(i) * 77_760_000),
+        )
+        .with_timezone("UTC"),
+    );
+    let run = |udf: &ScalarUDF, input: &ArrayRef, to: DataType| -> BenchResult<ArrayRef> {
+        Ok(udf
+            .invoke_with_args(ScalarFunctionArgs {
+                args: vec![ColumnarValue::Array(Arc::clone(input))],
+                arg_fields: vec![Arc::new(Field::new("in", input.data_type().clone(), true))],
+                number_rows: input.len(),
+                return_field: Arc::new(Field::new("out", to, true)),
+                config_options: Arc::default(),
+            })?
+            .into_array(input.len())?)
+    };
+    let decimal = DataType::Decimal128(18, 2);
+    let text_to_decimal = medallion_engine::udf::text_to_decimal(18, 2, true);
+    let utc_date = medallion_engine::udf::utc_date();
+    // Both kernels must agree before they are timed.
+    if cast(&prices, &decimal)?.as_ref()
+        != run(&text_to_decimal, &prices, decimal.clone())?.as_ref()
+        || cast(&instants, &DataType::Date32)?.as_ref()
+            != run(&utc_date, &instants, DataType::Date32)?.as_ref()
+    {
+        return Err("the engine's casts differ from arrow's".into());
+    }
+    group.bench_function("text_to_decimal/arrow", |b| {
+        b.iter(|| cast(&prices, &decimal))
+    });
+    group.bench_function("text_to_decimal/engine", |b| {
+        b.iter(|| run(&text_to_decimal, &prices, decimal.clone()).map_err(|e| e.to_string()))
+    });
+    group.bench_function("utc_date/arrow", |b| {
+        b.iter(|| cast(&instants, &DataType::Date32))
+    });
+    group.bench_function("utc_date/engine", |b| {
+        b.iter(|| run(&utc_date, &instants, DataType::Date32).map_err(|e| e.to_string()))
+    });
+    group.finish();
+    Ok(())
+}
+
 async fn memory_frame(
     ctx: &SessionContext,
     name: &str,
@@ -317,6 +377,7 @@ fn hot_paths(c: &mut Criterion) {
         let landing = landing()?;
         bench_landed_to_arrow(c, &landing)?;
         bench_timestamps(c);
+        bench_casts(c)?;
         bench_rules_and_dedup(c, &rt, &landing)?;
         bench_merge(c, &rt)?;
         Ok(())
