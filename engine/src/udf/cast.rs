@@ -320,6 +320,22 @@ mod tests {
 
     use super::*;
 
+    /// `udf` over one array, as a projection would call it.
+    fn invoke(udf: &ScalarUDF, input: &ArrayRef, to: &DataType) -> Result<ArrayRef> {
+        udf.invoke_with_args(ScalarFunctionArgs {
+            args: vec![ColumnarValue::Array(Arc::clone(input))],
+            arg_fields: vec![],
+            number_rows: input.len(),
+            return_field: Arc::new(datafusion::arrow::datatypes::Field::new(
+                "d",
+                to.clone(),
+                true,
+            )),
+            config_options: Arc::default(),
+        })?
+        .into_array(input.len())
+    }
+
     /// Every text below, cast by arrow and by the kernel, safe and strict.
     #[test]
     fn text_to_decimal_equals_arrows_cast() {
@@ -391,21 +407,7 @@ mod tests {
             };
             let expected = cast_with_options(&utf8, &to, &safe).unwrap();
             for input in [&utf8, &view] {
-                let got = text_to_decimal(precision, scale, false)
-                    .invoke_with_args(ScalarFunctionArgs {
-                        args: vec![ColumnarValue::Array(Arc::clone(input))],
-                        arg_fields: vec![],
-                        number_rows: input.len(),
-                        return_field: Arc::new(datafusion::arrow::datatypes::Field::new(
-                            "d",
-                            to.clone(),
-                            true,
-                        )),
-                        config_options: Arc::default(),
-                    })
-                    .unwrap()
-                    .into_array(input.len())
-                    .unwrap();
+                let got = invoke(&text_to_decimal(precision, scale, false), input, &to).unwrap();
                 assert_eq!(got.as_ref(), expected.as_ref(), "({precision}, {scale})");
             }
             // Strict: each text alone succeeds or fails as arrow's cast does.
@@ -416,20 +418,9 @@ mod tests {
             for text in &texts {
                 let one: ArrayRef = Arc::new(StringArray::from(vec![text.clone()]));
                 let arrow = cast_with_options(&one, &to, &strict);
-                let ours =
-                    text_to_decimal(precision, scale, true).invoke_with_args(ScalarFunctionArgs {
-                        args: vec![ColumnarValue::Array(Arc::clone(&one))],
-                        arg_fields: vec![],
-                        number_rows: 1,
-                        return_field: Arc::new(datafusion::arrow::datatypes::Field::new(
-                            "d",
-                            to.clone(),
-                            true,
-                        )),
-                        config_options: Arc::default(),
-                    });
+                let ours = invoke(&text_to_decimal(precision, scale, true), &one, &to);
                 match (arrow, ours) {
-                    (Ok(a), Ok(o)) => assert_eq!(a.as_ref(), o.into_array(1).unwrap().as_ref()),
+                    (Ok(a), Ok(o)) => assert_eq!(a.as_ref(), o.as_ref()),
                     (Err(_), Err(_)) => {}
                     (a, o) => panic!("{text:?} as {to}: arrow {a:?}, ours {o:?}"),
                 }
