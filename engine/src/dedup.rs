@@ -22,7 +22,6 @@
 //! to arrive and lets the rows through as they come, holding only the keys.
 
 use std::fs::File;
-use std::hash::BuildHasher as _;
 use std::io::BufReader;
 use std::sync::{Arc, Mutex};
 
@@ -60,6 +59,9 @@ use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as SlotEntry;
 
 use crate::error::Result;
+
+mod seen;
+use seen::KeySet;
 
 /// Seed of every key hash, so that equal keys hash equal from batch to batch.
 const KEY_HASH_SEED: u64 = 0x6d65_6461_6c6c;
@@ -304,90 +306,35 @@ fn first_arrivals(
     })
 }
 
-/// Hashes the row-format bytes of a first-arrival key.
-static KEY_HASHER: std::sync::LazyLock<RandomState> =
-    std::sync::LazyLock::new(|| RandomState::with_seed(KEY_HASH_SEED));
-
-/// Bytes of one block of [`SeenKeys`]: blocks are never grown, so a key never moves and
-/// growing the store never copies it.
-const KEY_BLOCK_BYTES: usize = 4 * 1024 * 1024;
-
-/// Every key let through so far, in arrow's row format (a null equals a null), in blocks.
+/// Every key let through so far, in arrow's row format (a null equals a null).
 struct SeenKeys {
-    blocks: Vec<Vec<u8>>,
-    /// `(block, start, len)` of each key; the index holds positions in this list.
-    keys: Vec<(u32, u32, u32)>,
-    index: HashTable<u32>,
+    keys: KeySet<RandomState>,
     reservation: MemoryReservation,
 }
 
 impl SeenKeys {
     fn new(expected_rows: usize, reservation: MemoryReservation) -> Self {
         let mut seen = Self {
-            blocks: Vec::new(),
-            keys: Vec::with_capacity(expected_rows),
-            index: HashTable::with_capacity(expected_rows),
+            keys: KeySet::with_capacity(expected_rows, RandomState::with_seed(KEY_HASH_SEED)),
             reservation,
         };
         seen.count();
         seen
     }
 
-    /// Sets the reservation to what the blocks, the key list and the index hold.
+    /// Sets the reservation to what the key set holds.
     fn count(&mut self) {
-        self.reservation.resize(
-            self.blocks.iter().map(Vec::capacity).sum::<usize>()
-                + self.keys.capacity() * std::mem::size_of::<(u32, u32, u32)>()
-                + self.index.capacity() * (std::mem::size_of::<u32>() + 1),
-        );
+        self.reservation.resize(self.keys.allocated_bytes());
     }
 
     /// Which rows of `rows` carry a key not seen before (the first of equal keys among them
     /// too); their keys are kept.
-    fn admit(
-        &mut self,
-        rows: &Rows,
-        hashes: &[u64],
-    ) -> std::result::Result<BooleanBuffer, DataFusionError> {
-        let mut kept = BooleanBufferBuilder::new(rows.num_rows());
-        for (r, &hash) in hashes.iter().enumerate() {
-            let key = rows.row(r).data();
-            let Self {
-                blocks,
-                keys,
-                index,
-                ..
-            } = self;
-            // One probe finds the key or the slot it goes in, as `Intake::add` does.
-            let entry = index.entry(
-                hash,
-                |i| stored_key(blocks, keys, *i) == key,
-                |i| KEY_HASHER.hash_one(stored_key(blocks, keys, *i)),
-            );
-            let SlotEntry::Vacant(slot) = entry else {
-                kept.append(false);
-                continue;
-            };
-            let len = u32::try_from(key.len()).map_err(|_| {
-                DataFusionError::Execution("a key of 4 GiB or more cannot be kept".into())
-            })?;
-            let room = blocks
-                .last()
-                .is_some_and(|b| b.capacity() - b.len() >= key.len());
-            if !room {
-                blocks.push(Vec::with_capacity(KEY_BLOCK_BYTES.max(key.len())));
-            }
-            let block = blocks.len() - 1;
-            let start = blocks[block].len();
-            blocks[block].extend_from_slice(key);
-            let at = u32::try_from(keys.len())
-                .map_err(|_| DataFusionError::Execution("more than 4 billion keys".into()))?;
-            keys.push((block as u32, start as u32, len));
-            slot.insert(at);
-            kept.append(true);
-        }
+    fn admit(&mut self, rows: &Rows) -> std::result::Result<BooleanBuffer, DataFusionError> {
+        let kept = self
+            .keys
+            .insert_new(rows.num_rows(), |r| rows.row(r).data())?;
         self.count();
-        Ok(kept.finish())
+        Ok(kept)
     }
 }
 
@@ -434,8 +381,7 @@ impl FirstArrivals {
             .map(|i| Arc::clone(batch.column(*i)))
             .collect();
         let rows = self.converter.convert_columns(&columns)?;
-        let hashes: Vec<u64> = rows.iter().map(|r| KEY_HASHER.hash_one(r.data())).collect();
-        let mask = lock(&self.seen)?.admit(&rows, &hashes)?;
+        let mask = lock(&self.seen)?.admit(&rows)?;
         if mask.count_set_bits() == batch.num_rows() {
             self.out.push_batch(batch)?;
         } else {
@@ -444,12 +390,6 @@ impl FirstArrivals {
         }
         Ok(())
     }
-}
-
-/// The bytes of kept key `i`.
-fn stored_key<'a>(blocks: &'a [Vec<u8>], keys: &[(u32, u32, u32)], i: u32) -> &'a [u8] {
-    let (block, start, len) = keys[i as usize];
-    &blocks[block as usize][start as usize..(start + len) as usize]
 }
 
 /// One partition of a first-arrival reduction: a partition of the source, filtered to the
