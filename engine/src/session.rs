@@ -91,7 +91,8 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
     // DataFusion pushes struct field access (`message['id']`) below the projection that
     // builds the struct, substituting the struct's expression into every access: one
     // `json_tuple` parse per field instead of one per row. Those two rules are left out.
-    // Last, projections' text-to-decimal and UTC date casts go to the engine's kernels.
+    // Last, projections' text-to-decimal and UTC date casts and `trim(x) <> ''` go to the
+    // engine's kernels.
     let optimizer_rules = datafusion::optimizer::Optimizer::new()
         .rules
         .into_iter()
@@ -101,7 +102,7 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
                 "extract_leaf_expressions" | "push_down_leaf_projections"
             )
         })
-        .chain([Arc::new(udf::FastCasts) as _])
+        .chain([Arc::new(udf::FastKernels) as _])
         .collect();
     let mut physical_rules = Vec::new();
     for rule in datafusion::physical_optimizer::optimizer::PhysicalOptimizer::new().rules {

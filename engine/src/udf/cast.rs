@@ -3,7 +3,7 @@
 //!
 //! Arrow's text-to-decimal cast formats and re-parses every value through `String`s and
 //! 256-bit integers, and its timestamp-to-date cast looks the time zone up per value (even
-//! UTC). In an SF 10 silver run the two were 5.2% and 2.8% of the CPU. [`FastCasts`] rewrites
+//! UTC). In an SF 10 silver run the two were 5.2% and 2.8% of the CPU. [`super::FastKernels`] rewrites
 //! them in projections (where they are computed, not used for pruning) to [`text_to_decimal`]
 //! and [`utc_date`], which give the same values and nulls and fail on the same values (the
 //! message of a decimal too wide for its precision is the parse failure's): a text that is
@@ -22,55 +22,16 @@ use datafusion::arrow::datatypes::{
     TimestampSecondType,
 };
 use datafusion::arrow::error::ArrowError;
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::tree_node::Transformed;
 use datafusion::common::{DFSchema, Result, exec_err};
 use datafusion::logical_expr::expr::{Cast, ScalarFunction, TryCast};
-use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::{
-    ColumnarValue, Expr, ExprSchemable, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl,
-    Signature, Volatility,
+    ColumnarValue, Expr, ExprSchemable, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    Volatility,
 };
-use datafusion::optimizer::optimizer::ApplyOrder;
-use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
-
-/// Rewrites `CAST(text AS DECIMAL(p, s))`, `TRY_CAST` of the same, and `CAST(timestamp AS
-/// DATE)` of a UTC (or zoneless) timestamp in projections to the engine's kernels.
-#[derive(Debug, Default)]
-pub struct FastCasts;
-
-impl OptimizerRule for FastCasts {
-    fn name(&self) -> &str {
-        "fast_casts"
-    }
-
-    fn apply_order(&self) -> Option<ApplyOrder> {
-        Some(ApplyOrder::BottomUp)
-    }
-
-    fn rewrite(
-        &self,
-        plan: LogicalPlan,
-        _config: &dyn OptimizerConfig,
-    ) -> Result<Transformed<LogicalPlan>> {
-        let LogicalPlan::Projection(projection) = &plan else {
-            return Ok(Transformed::no(plan));
-        };
-        let schema = Arc::clone(projection.input.schema());
-        let names = NamePreserver::new_for_projection();
-        plan.map_expressions(|expr| {
-            let name = names.save(&expr);
-            let rewritten = expr.transform_up(|e| fast_cast(e, &schema))?;
-            Ok(if rewritten.transformed {
-                Transformed::yes(name.restore(rewritten.data))
-            } else {
-                rewritten
-            })
-        })
-    }
-}
 
 /// The kernel call for one cast expression, or the expression as it was.
-fn fast_cast(expr: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
+pub(super) fn fast_cast(expr: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
     let (inner, to, strict) = match &expr {
         Expr::Cast(Cast { expr, field }) => (expr, field.data_type(), true),
         Expr::TryCast(TryCast { expr, field }) => (expr, field.data_type(), false),

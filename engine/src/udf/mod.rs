@@ -1,7 +1,9 @@
 //! Scalar functions the engine adds to every session.
 //!
-//! `json_tuple(text, 'k1', 'k2', …)` is in [`json_tuple`]; the kernels that projections'
-//! text-to-decimal and timestamp-to-date casts are planned onto are in [`cast`].
+//! `json_tuple(text, 'k1', 'k2', …)` is in [`json_tuple`]. [`FastKernels`] plans some
+//! expressions of projections onto kernels of the engine that give the same results for less:
+//! text-to-decimal and timestamp-to-date casts ([`cast`]) and the `trim(x) <> ''` of quality
+//! rules ([`blank`]).
 //!
 //! `parse_timestamp(text)` reads exactly the three timestamp spellings landed data may use
 //! (`2026-03-01T12:34:56Z`, `2026-03-01T14:34:56+02:00`, `2026-03-01 12:34:56` meaning UTC)
@@ -9,10 +11,12 @@
 //! as `2026-02-30T00:00:00Z`. A cast would accept more spellings (fractions, `T` without zone)
 //! and fail the whole query on a bad value; a quality rule needs a null instead.
 
+mod blank;
 mod cast;
 mod json_tuple;
 
-pub use cast::{FastCasts, text_to_decimal, utc_date};
+pub use blank::not_blank;
+pub use cast::{text_to_decimal, utc_date};
 
 pub use json_tuple::json_tuple_udf;
 
@@ -20,11 +24,53 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, TimestampMicrosecondBuilder};
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Result, ScalarValue, exec_err};
+use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
-    Volatility,
+    ColumnarValue, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    TypeSignature, Volatility,
 };
+use datafusion::optimizer::optimizer::ApplyOrder;
+use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
+
+/// Rewrites, in projections, the expressions that [`cast`] and [`blank`] have kernels for.
+/// Filters, joins and scans keep their expressions, which pruning and pushdown understand.
+#[derive(Debug, Default)]
+pub struct FastKernels;
+
+impl OptimizerRule for FastKernels {
+    fn name(&self) -> &str {
+        "fast_kernels"
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        Some(ApplyOrder::BottomUp)
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> Result<Transformed<LogicalPlan>> {
+        let LogicalPlan::Projection(projection) = &plan else {
+            return Ok(Transformed::no(plan));
+        };
+        let schema = Arc::clone(projection.input.schema());
+        let names = NamePreserver::new_for_projection();
+        plan.map_expressions(|expr| {
+            let name = names.save(&expr);
+            let rewritten = expr.transform_up(|e| {
+                cast::fast_cast(e, &schema)?.transform_data(blank::fast_blank_check)
+            })?;
+            Ok(if rewritten.transformed {
+                Transformed::yes(name.restore(rewritten.data))
+            } else {
+                rewritten
+            })
+        })
+    }
+}
 
 /// The UTC timestamp type every parsed instant has.
 pub fn utc_timestamp_type() -> DataType {
