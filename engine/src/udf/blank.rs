@@ -11,7 +11,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::Transformed;
-use datafusion::common::{Result, ScalarValue, exec_err};
+use datafusion::common::{Result, exec_err};
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::{
     BinaryExpr, ColumnarValue, Expr, Operator, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl,
@@ -44,21 +44,18 @@ impl ScalarUDFImpl for NotBlank {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let scalar = matches!(args.args[0], ColumnarValue::Scalar(_));
-        let input = args.args[0].to_array(args.number_rows)?;
+        let Some(arg) = args.args.first() else {
+            return exec_err!("not_blank takes one text argument");
+        };
+        let input = arg.to_array(args.number_rows)?;
         let has_text = |s: &str| s.bytes().any(|b| b != b' ');
-        let out: BooleanArray = match input.data_type() {
+        let out = match input.data_type() {
             DataType::Utf8 => BooleanArray::from_unary(input.as_string::<i32>(), has_text),
             DataType::LargeUtf8 => BooleanArray::from_unary(input.as_string::<i64>(), has_text),
             DataType::Utf8View => BooleanArray::from_unary(input.as_string_view(), has_text),
             other => return exec_err!("not_blank takes text, not {other}"),
         };
-        let out: ArrayRef = Arc::new(out);
-        Ok(if scalar {
-            ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?)
-        } else {
-            ColumnarValue::Array(out)
-        })
+        Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
     }
 }
 
