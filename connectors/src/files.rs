@@ -494,15 +494,29 @@ fn parse_csv(
 }
 
 fn parse_json_lines(bytes: &[u8], rows: &mut RowsBuilder) -> Result<(), ConnectorError> {
-    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+    // The whole file is checked as UTF-8 once (vectorised), not line by line: lines cut from
+    // valid text at ASCII line breaks are valid text. Only a file that fails is checked per
+    // line, to find the lines to keep as corrupt. Per line, the check and a byte-at-a-time
+    // split were a tenth of bronze's CPU at SF 10 (`perf`).
+    let text = simdutf8::basic::from_utf8(bytes).ok();
+    let ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
+    let mut start = 0;
+    for (i, end) in ends.enumerate() {
+        let raw = &bytes[start..end];
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let range = start..start + raw.len();
+        start = end + 1;
         if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let line = i as u64 + 1;
-        match std::str::from_utf8(raw) {
-            Ok(text) => rows.push([Some(text)], line)?,
-            Err(_) => rows.push_corrupt(raw, line)?,
+        let valid = match text {
+            Some(text) => text.get(range),
+            None => std::str::from_utf8(raw).ok(),
+        };
+        match valid {
+            Some(text) => rows.push([Some(text)], line)?,
+            None => rows.push_corrupt(raw, line)?,
         }
     }
     Ok(())
@@ -612,6 +626,29 @@ mod tests {
             column(&batches[0], JSON_LINE_VALUE),
             vec![Some("{\"a\":1}".into()), Some("not json".into())]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn json_lines_keep_lines_that_are_not_utf8_as_corrupt() -> Result<(), ConnectorError> {
+        let root = Url::parse("file:///landing/events/").unwrap_or_else(|_| unreachable!());
+        let source = FilesSource::new(root, FileFormat::JsonLines, vec![]);
+        // Line 2 is not UTF-8, so the file is checked line by line; the last has no newline.
+        let bytes = b"{\"a\":\"\xC3\xA9\"}\n{\"b\":\"\xC3\x28\"}\r\n\n{\"c\":3}";
+        let batches = source.parse(bytes, "file:///e.jsonl")?;
+        assert_eq!(
+            column(&batches[0], JSON_LINE_VALUE),
+            vec![Some("{\"a\":\"\u{e9}\"}".into()), None, Some("{\"c\":3}".into())]
+        );
+        assert_eq!(
+            column(&batches[0], CORRUPT_RECORD),
+            vec![None, Some("{\"b\":\"\u{fffd}(\"}".into()), None]
+        );
+        let lines = batches[0]
+            .column_by_name(SOURCE_LINE)
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>())
+            .map(|c| c.values().to_vec());
+        assert_eq!(lines, Some(vec![1, 2, 4]));
         Ok(())
     }
 

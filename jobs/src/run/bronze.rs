@@ -163,7 +163,10 @@ async fn stage_table(
     let schema = bronze_schema(&source);
     let source = Arc::new(source);
     // Statistics on the ingest metadata alone: silver selects its batch by `_ingest_ts`, and
-    // nothing filters on the raw text of the source's columns.
+    // nothing filters on the raw text of the source's columns. Not on the metadata's text
+    // (file, source, run id, corrupt record) either: nothing filters on it, and the writer
+    // compares every value with its page's bounds, a file path per row (1.5% of bronze's
+    // CPU at SF 10 in `memcmp`).
     let payload = source.data_columns();
     let builder = AppendBuilder::new(url, Arc::clone(&schema))
         .with_partition_columns([INGEST_DATE])
@@ -171,8 +174,8 @@ async fn stage_table(
             schema
                 .fields()
                 .iter()
+                .filter(|f| !payload.contains(f.name()) && f.data_type() != &DataType::Utf8)
                 .map(|f| f.name().clone())
-                .filter(|name| !payload.contains(name))
                 .collect(),
         )
         .with_target_file_size(run.pipeline.target_file_size());
