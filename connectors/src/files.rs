@@ -638,7 +638,11 @@ mod tests {
         let batches = source.parse(bytes, "file:///e.jsonl")?;
         assert_eq!(
             column(&batches[0], JSON_LINE_VALUE),
-            vec![Some("{\"a\":\"\u{e9}\"}".into()), None, Some("{\"c\":3}".into())]
+            vec![
+                Some("{\"a\":\"\u{e9}\"}".into()),
+                None,
+                Some("{\"c\":3}".into())
+            ]
         );
         assert_eq!(
             column(&batches[0], CORRUPT_RECORD),
