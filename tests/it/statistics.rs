@@ -1,6 +1,6 @@
 //! Which columns of a table's data files carry min/max statistics: bronze only its ingest
-//! metadata that is not text, a silver or gold table with `stats_columns` only those (and its key), any other
-//! table every column. The Parquet footers and the Delta log must agree.
+//! metadata that is not text, a silver or gold table with `stats_columns` only those (and
+//! its key), any other table every column. The Parquet footers and the Delta log must agree.
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -44,10 +44,7 @@ impl ScalarUDFImpl for NotBlank {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let Some(arg) = args.args.first() else {
-            return exec_err!("not_blank takes one text argument");
-        };
-        let input = arg.to_array(args.number_rows)?;
+        let input = super::sole_argument(&args, self.name(), "text")?;
         let has_text = |s: &str| s.bytes().any(|b| b != b' ');
         let out = match input.data_type() {
             DataType::Utf8 => BooleanArray::from_unary(input.as_string::<i32>(), has_text),

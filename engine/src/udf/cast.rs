@@ -100,10 +100,7 @@ impl ScalarUDFImpl for TextToDecimal {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let Some(arg) = args.args.first() else {
-            return exec_err!("{} takes one text argument", self.name());
-        };
-        let array = arg.to_array(args.number_rows)?;
+        let array = super::sole_argument(&args, self.name(), "text")?;
         let out = match array.data_type() {
             DataType::Utf8 => self.parse(array.as_string::<i32>().iter())?,
             DataType::LargeUtf8 => self.parse(array.as_string::<i64>().iter())?,
@@ -223,10 +220,7 @@ impl ScalarUDFImpl for UtcDate {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let Some(arg) = args.args.first() else {
-            return exec_err!("utc_date takes one timestamp argument");
-        };
-        let array = arg.to_array(args.number_rows)?;
+        let array = super::sole_argument(&args, self.name(), "timestamp")?;
         let dates = match array.data_type() {
             DataType::Timestamp(TimeUnit::Second, _) => {
                 days_of::<TimestampSecondType>(array.as_primitive(), 1)

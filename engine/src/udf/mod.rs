@@ -168,6 +168,16 @@ impl ScalarUDFImpl for ParseTimestamp {
     }
 }
 
+/// The argument of a one-argument kernel (`name`, taking a `kind` of value) as an array of
+/// the batch's rows. [`FastKernels`] plans the kernels in projections after constant folding,
+/// so their argument is a column, and none of them keeps a scalar as a scalar.
+fn sole_argument(args: &ScalarFunctionArgs, name: &str, kind: &str) -> Result<ArrayRef> {
+    match args.args.first() {
+        Some(arg) => arg.to_array(args.number_rows),
+        None => exec_err!("{name} takes one {kind} argument"),
+    }
+}
+
 fn parse_all<'a>(values: impl Iterator<Item = Option<&'a str>>, len: usize) -> ArrayRef {
     let mut builder = TimestampMicrosecondBuilder::with_capacity(len).with_timezone("UTC");
     for value in values {
