@@ -17,7 +17,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use url::Url;
 
-use super::{AppTransaction, CommitMetrics, DEFAULT_TARGET_FILE_SIZE};
+use super::{AppTransaction, CommitMetrics, DEFAULT_TARGET_FILE_SIZE, DataPageVersion};
 use crate::error::{EngineError, Result};
 use crate::table;
 
@@ -29,6 +29,7 @@ pub struct AppendBuilder {
     partition_columns: Vec<String>,
     stats_columns: Option<Vec<String>>,
     target_file_size: u64,
+    pages: DataPageVersion,
 }
 
 impl AppendBuilder {
@@ -39,6 +40,7 @@ impl AppendBuilder {
             partition_columns: Vec::new(),
             stats_columns: None,
             target_file_size: DEFAULT_TARGET_FILE_SIZE.get(),
+            pages: DataPageVersion::default(),
         }
     }
 
@@ -61,6 +63,13 @@ impl AppendBuilder {
         self
     }
 
+    /// The data page layout of the files written (see [`DataPageVersion`] for when version 2
+    /// pays).
+    pub fn with_data_pages(mut self, pages: DataPageVersion) -> Self {
+        self.pages = pages;
+        self
+    }
+
     /// Opens a writer; data written to it stays invisible until [`StagedAppend::commit`].
     pub fn stage(self) -> Result<StagedAppend> {
         let partitions =
@@ -73,7 +82,10 @@ impl AppendBuilder {
         )
         .map_err(|e| EngineError::delta(&self.url, e))?
         .with_target_file_size(self.target_file_size)
-        .with_writer_properties(super::writer_properties(self.stats_columns.as_deref()));
+        .with_writer_properties(super::writer_properties(
+            self.stats_columns.as_deref(),
+            self.pages,
+        ));
         Ok(StagedAppend {
             builder: self,
             writer,

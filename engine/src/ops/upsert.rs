@@ -146,7 +146,10 @@ impl UpsertBuilder {
             .with_source_alias("source")
             .with_target_alias("target")
             .with_session_state(session)
-            .with_writer_properties(super::writer_properties(self.stats_columns.as_deref()))
+            .with_writer_properties(super::writer_properties(
+                self.stats_columns.as_deref(),
+                super::DataPageVersion::V1,
+            ))
             .with_commit_properties(AppTransaction::commit_properties(self.txn.as_ref()))
             .when_matched_update(|update| {
                 columns.iter().fold(update.predicate(wins), |u, c| {

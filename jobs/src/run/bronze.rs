@@ -16,7 +16,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use futures::StreamExt as _;
 use medallion_connectors::files::{FilesSource, LandedFile};
 use medallion_connectors::state::{get_typed, put_typed};
-use medallion_engine::ops::{AppendBuilder, StagedAppend};
+use medallion_engine::ops::{AppendBuilder, DataPageVersion, StagedAppend};
 use medallion_engine::table;
 use serde::{Deserialize, Serialize};
 
@@ -178,7 +178,9 @@ async fn stage_table(
                 .map(|f| f.name().clone())
                 .collect(),
         )
-        .with_target_file_size(run.pipeline.target_file_size());
+        .with_target_file_size(run.pipeline.target_file_size())
+        // A run's rows all fall in its one `_ingest_date`: one file is open at a time.
+        .with_data_pages(DataPageVersion::V2);
     let metadata = Arc::new(IngestMetadata {
         ingest_ts: run.started_at.timestamp_micros(),
         ingest_date: i32::try_from(
