@@ -1,18 +1,18 @@
 //! Which columns of a table's data files carry min/max statistics: bronze only its ingest
 //! metadata that is not text, a silver or gold table with `stats_columns` only those (and
 //! its key), any other table every column. The Parquet footers and the Delta log must agree.
+//! Also which data page version each layer writes.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use datafusion::parquet::column::page::Page;
 use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
 use medallion_tests::{Scratch, run_all_ok};
 
-/// The columns with min/max statistics in some row group of some data file of the table, and
-/// those without them in at least one.
-fn parquet_statistics(table: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
-    let (mut with, mut without) = (BTreeSet::new(), BTreeSet::new());
-    let mut files = 0;
+/// The Parquet data files of a table (in its partition folders too); at least one.
+fn parquet_files(table: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
     let mut stack = vec![table.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir)
@@ -24,31 +24,61 @@ fn parquet_statistics(table: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
                 if !path.ends_with("_delta_log") {
                     stack.push(path);
                 }
-                continue;
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                files.push(path);
             }
-            if path.extension().is_none_or(|e| e != "parquet") {
-                continue;
-            }
-            files += 1;
-            let reader = SerializedFileReader::new(std::fs::File::open(&path).expect("open"))
-                .expect("a Parquet file");
-            for group in reader.metadata().row_groups() {
-                for column in group.columns() {
-                    let name = column.column_path().string();
-                    if column
-                        .statistics()
-                        .is_some_and(|s| s.min_bytes_opt().is_some())
-                    {
-                        with.insert(name);
-                    } else {
-                        without.insert(name);
-                    }
+        }
+    }
+    assert!(!files.is_empty(), "{} has no data files", table.display());
+    files
+}
+
+fn open_parquet(path: &Path) -> SerializedFileReader<std::fs::File> {
+    SerializedFileReader::new(std::fs::File::open(path).expect("open")).expect("a Parquet file")
+}
+
+/// The columns with min/max statistics in some row group of some data file of the table, and
+/// those without them in at least one.
+fn parquet_statistics(table: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut with, mut without) = (BTreeSet::new(), BTreeSet::new());
+    for path in parquet_files(table) {
+        for group in open_parquet(&path).metadata().row_groups() {
+            for column in group.columns() {
+                let name = column.column_path().string();
+                if column
+                    .statistics()
+                    .is_some_and(|s| s.min_bytes_opt().is_some())
+                {
+                    with.insert(name);
+                } else {
+                    without.insert(name);
                 }
             }
         }
     }
-    assert!(files > 0, "{} has no data files", table.display());
     (with, without)
+}
+
+/// The kinds of data page ("v1", "v2") in the table's data files.
+fn data_page_versions(table: &Path) -> BTreeSet<String> {
+    let mut versions = BTreeSet::new();
+    for path in parquet_files(table) {
+        let reader = open_parquet(&path);
+        for g in 0..reader.num_row_groups() {
+            let group = reader.get_row_group(g).expect("row group");
+            for c in 0..group.num_columns() {
+                let pages = group.get_column_page_reader(c).expect("page reader");
+                for page in pages {
+                    match page.expect("a page") {
+                        Page::DataPage { .. } => versions.insert("v1".to_string()),
+                        Page::DataPageV2 { .. } => versions.insert("v2".to_string()),
+                        Page::DictionaryPage { .. } => false,
+                    };
+                }
+            }
+        }
+    }
+    versions
 }
 
 /// The columns with a minimum in the Delta log's statistics of the table's data files, and
@@ -111,6 +141,17 @@ async fn only_the_columns_that_readers_filter_on_carry_statistics() {
         );
     }
     assert!(property.is_some_and(|p| p.contains("_ingest_ts") && !p.contains("order_id")));
+
+    // Bronze (one file open per write) writes version 2 data pages; silver, with a file open
+    // per date partition, version 1 (see `DataPageVersion`).
+    assert_eq!(
+        data_page_versions(&lake.join("bronze/events")),
+        set(&["v2"])
+    );
+    assert_eq!(
+        data_page_versions(&lake.join("silver/events")),
+        set(&["v1"])
+    );
 
     // Silver events declares `stats_columns = ["event_ts"]`: those and its key, nothing else.
     let (with, without) = parquet_statistics(&lake.join("silver/events"));
