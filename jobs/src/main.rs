@@ -57,9 +57,10 @@ enum Command {
         combine_hot_groups: bool,
         /// A gold model rebuilt by partition is built a slice of partitions at a time, each
         /// reading at most about this many rows of its `rebuild_by` inputs, so its joins and
-        /// aggregations hold one slice's groups instead of the whole table's.
-        #[arg(long, env = "MEDALLION_SLICE_ROWS", default_value_t = medallion_jobs::run::DEFAULT_SLICE_ROWS)]
-        slice_rows: u64,
+        /// aggregations hold one slice's groups instead of the whole table's; default:
+        /// 2097152 (2 Mi), or the memory limit over 2 KiB when that is fewer (1 Mi at 2 GiB).
+        #[arg(long, env = "MEDALLION_SLICE_ROWS")]
+        slice_rows: Option<u64>,
         /// How long a layer's lease lives unrenewed (`60s`, `2m`): a killed run's lease is
         /// free again after it.
         #[arg(long, env = "MEDALLION_LEASE_TTL", value_parser = parse_duration, default_value = "60s")]
@@ -281,7 +282,7 @@ async fn dispatch(command: Command) -> i32 {
                     ttl: lease_ttl,
                     wait: lease_wait,
                 },
-                gold: medallion_jobs::run::GoldOptions { slice_rows },
+                gold: medallion_jobs::run::GoldOptions::new(slice_rows, memory_limit),
             };
             let (run_summary, result) = run_pipeline(&pipeline, &options).await;
             if let Err(e) = &result {
