@@ -282,7 +282,7 @@ async fn dispatch(command: Command) -> i32 {
                     ttl: lease_ttl,
                     wait: lease_wait,
                 },
-                gold: medallion_jobs::run::GoldOptions::new(slice_rows, memory_limit),
+                gold: medallion_jobs::run::GoldOptions { slice_rows },
             };
             let (run_summary, result) = run_pipeline(&pipeline, &options).await;
             if let Err(e) = &result {

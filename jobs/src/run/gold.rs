@@ -590,7 +590,14 @@ async fn run_model(
         .filter(|r| spec.partition_by.contains(&r.column))
         .filter(|_| !matches!(scope, Some(Scope::Keys { .. })))
         .and_then(|r| {
-            let slices = partition_slices(r, opened, in_scope, run.options.gold.slice_rows)?;
+            let slices = partition_slices(
+                r,
+                opened,
+                in_scope,
+                run.options
+                    .gold
+                    .slice_rows(run.options.session.memory_limit),
+            )?;
             Some((&r.column, slices))
         });
     let source = match slices {

@@ -69,12 +69,13 @@ pub struct RunOptions {
 }
 
 /// How gold builds its models.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct GoldOptions {
     /// A model rebuilt by partition (see [`crate::pipeline::RebuildBy`]) whose `from` inputs
     /// hold more rows than this in the partitions it builds is built a slice of partitions at
-    /// a time, each slice reading at most about this many of those rows.
-    pub slice_rows: u64,
+    /// a time, each slice reading at most about this many of those rows. `None`: see
+    /// [`GoldOptions::slice_rows`].
+    pub slice_rows: Option<u64>,
 }
 
 /// [`GoldOptions::slice_rows`] by default. At SF 10 it builds daily_engagement's 30.9 M
@@ -95,22 +96,16 @@ const LIMIT_BYTES_PER_SLICE_ROW: u64 = 2 * 1024;
 const MIN_SLICE_ROWS: u64 = 64 * 1024;
 
 impl GoldOptions {
-    /// `slice_rows` when given; otherwise [`DEFAULT_SLICE_ROWS`], lowered under a memory limit
-    /// to the limit over [`LIMIT_BYTES_PER_SLICE_ROW`] (at least [`MIN_SLICE_ROWS`]).
-    pub fn new(slice_rows: Option<u64>, memory_limit: Option<usize>) -> Self {
-        let slice_rows = slice_rows.unwrap_or_else(|| match memory_limit {
+    /// The rows of a slice: `slice_rows` when set; otherwise [`DEFAULT_SLICE_ROWS`], lowered
+    /// under the run's memory limit to the limit over [`LIMIT_BYTES_PER_SLICE_ROW`] (at least
+    /// [`MIN_SLICE_ROWS`]).
+    pub fn slice_rows(&self, memory_limit: Option<usize>) -> u64 {
+        self.slice_rows.unwrap_or_else(|| match memory_limit {
             Some(limit) => {
                 (limit as u64 / LIMIT_BYTES_PER_SLICE_ROW).clamp(MIN_SLICE_ROWS, DEFAULT_SLICE_ROWS)
             }
             None => DEFAULT_SLICE_ROWS,
-        });
-        Self { slice_rows }
-    }
-}
-
-impl Default for GoldOptions {
-    fn default() -> Self {
-        Self::new(None, None)
+        })
     }
 }
 
@@ -397,16 +392,14 @@ mod tests {
     #[test]
     fn a_memory_limit_lowers_the_default_slice_but_not_a_given_one() {
         let gib = 1024 * 1024 * 1024;
-        assert_eq!(GoldOptions::new(None, None).slice_rows, DEFAULT_SLICE_ROWS);
-        assert_eq!(
-            GoldOptions::new(None, Some(8 * gib)).slice_rows,
-            DEFAULT_SLICE_ROWS
-        );
-        assert_eq!(GoldOptions::new(None, Some(2 * gib)).slice_rows, 1 << 20);
-        assert_eq!(
-            GoldOptions::new(None, Some(1 << 20)).slice_rows,
-            MIN_SLICE_ROWS
-        );
-        assert_eq!(GoldOptions::new(Some(5000), Some(2 * gib)).slice_rows, 5000);
+        let default = GoldOptions::default();
+        assert_eq!(default.slice_rows(None), DEFAULT_SLICE_ROWS);
+        assert_eq!(default.slice_rows(Some(8 * gib)), DEFAULT_SLICE_ROWS);
+        assert_eq!(default.slice_rows(Some(2 * gib)), 1 << 20);
+        assert_eq!(default.slice_rows(Some(1 << 20)), MIN_SLICE_ROWS);
+        let given = GoldOptions {
+            slice_rows: Some(5000),
+        };
+        assert_eq!(given.slice_rows(Some(2 * gib)), 5000);
     }
 }
