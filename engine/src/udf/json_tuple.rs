@@ -118,24 +118,27 @@ impl ScalarUDFImpl for JsonTuple {
 /// Per row: which wanted keys were read (their builders took a value or a null).
 struct RowSlots {
     found: Vec<bool>,
-    /// The wanted key that the n-th key of the previous object was (None: not wanted).
-    /// Messages from one producer keep one key order, so this guess spares comparing each
-    /// key with every wanted name before its own (`perf`, silver at SF 1: the key comparisons
-    /// under `read_object` fell from 1.5% to 0.7% of the CPU).
-    order: Vec<Option<usize>>,
+    order: KeyOrder,
 }
 
-impl RowSlots {
+/// The wanted key that the n-th key of the previous object was (None: not wanted).
+/// Messages from one producer keep one key order, so this guess spares comparing each key
+/// with every wanted name before its own (`perf`, silver at SF 1: the key comparisons under
+/// `read_object` fell from 1.5% to 0.7% of the CPU).
+#[derive(Default)]
+struct KeyOrder(Vec<Option<usize>>);
+
+impl KeyOrder {
     /// Which wanted key `key`, the `nth` of its object, is; remembered for the next object.
     fn slot_of(&mut self, keys: &[String], nth: usize, key: &[u8]) -> Option<usize> {
-        let guess = self.order.get(nth).copied().flatten();
+        let guess = self.0.get(nth).copied().flatten();
         if let Some(i) = guess.filter(|i| keys[*i].as_bytes() == key) {
             return Some(i);
         }
         let slot = keys.iter().position(|k| k.as_bytes() == key);
-        match self.order.get_mut(nth) {
+        match self.0.get_mut(nth) {
             Some(seen) => *seen = slot,
-            None => self.order.push(slot),
+            None => self.0.push(slot),
         }
         slot
     }
@@ -152,13 +155,13 @@ fn extract<'a>(
         .collect();
     let mut row = RowSlots {
         found: vec![false; keys.len()],
-        order: Vec::new(),
+        order: KeyOrder::default(),
     };
-    let mut spans = vec![Span::Missing; keys.len()];
+    let mut spans = vec![Span::Unread; keys.len()];
     for value in values {
         row.found.fill(false);
         if let Some(json) = value {
-            if scan_plain_object(json.as_bytes(), keys, &mut row, &mut spans).is_some() {
+            if scan_plain_object(json.as_bytes(), keys, &mut row.order, &mut spans).is_some() {
                 for ((builder, span), found) in builders.iter_mut().zip(&spans).zip(&mut row.found)
                 {
                     if let Span::Text(from, to) = *span {
@@ -168,8 +171,6 @@ fn extract<'a>(
                     }
                 }
             } else {
-                // The scan may have marked keys before it gave up.
-                row.found.fill(false);
                 // A syntax error ends the row: the fields found before it stay, as with
                 // json_as_text.
                 let _ = read_object(json, keys, &mut row, &mut builders);
@@ -191,8 +192,10 @@ fn extract<'a>(
 /// Where the fast scan found a wanted field's value in the document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Span {
-    /// Not found (yet), or JSON `null`: the field reads as null.
-    Missing,
+    /// Not found (yet): the field reads as null.
+    Unread,
+    /// JSON `null`: the field reads as null, and a later copy of its key is skipped.
+    Null,
     /// The field's text: a string's contents, or any other value's raw JSON text.
     Text(usize, usize),
 }
@@ -212,10 +215,10 @@ enum Span {
 fn scan_plain_object(
     json: &[u8],
     keys: &[String],
-    row: &mut RowSlots,
+    order: &mut KeyOrder,
     spans: &mut [Span],
 ) -> Option<()> {
-    spans.fill(Span::Missing);
+    spans.fill(Span::Unread);
     let mut at = Cursor { json, at: 0 };
     at.skip_whitespace();
     at.eat(b'{')?;
@@ -227,18 +230,15 @@ fn scan_plain_object(
     let mut nth = 0;
     loop {
         let (from, to) = at.plain_string()?;
-        let slot = row
+        let slot = order
             .slot_of(keys, nth, &json[from..to])
-            .filter(|i| !row.found[*i]);
+            .filter(|i| spans[*i] == Span::Unread);
         at.skip_whitespace();
         at.eat(b':')?;
         at.skip_whitespace();
         let value = at.value(0)?;
         if let Some(i) = slot {
             spans[i] = value;
-            // Marks the key as read (a later copy of it is skipped); the caller turns the
-            // marks into appended values.
-            row.found[i] = true;
             remaining -= 1;
             if remaining == 0 {
                 break;
@@ -252,8 +252,6 @@ fn scan_plain_object(
             _ => return None,
         }
     }
-    // `found` meant "read" during the scan; the caller sets it again for the appended values.
-    row.found.fill(false);
     Some(())
 }
 
@@ -311,7 +309,7 @@ impl Cursor<'_> {
             }
             b'n' => {
                 self.literal(b"null")?;
-                return Some(Span::Missing);
+                return Some(Span::Null);
             }
             b't' => self.literal(b"true")?,
             b'f' => self.literal(b"false")?,
@@ -439,7 +437,7 @@ fn read_object(
     let mut nth = 0;
     let mut next = jiter
         .known_object()?
-        .map(|key| row.slot_of(keys, nth, key.as_bytes()));
+        .map(|key| row.order.slot_of(keys, nth, key.as_bytes()));
     let mut remaining = keys.len();
     while let Some(key) = next {
         let slot = key.filter(|i| !row.found[*i]);
@@ -471,7 +469,7 @@ fn read_object(
         nth += 1;
         next = jiter
             .next_key()?
-            .map(|key| row.slot_of(keys, nth, key.as_bytes()));
+            .map(|key| row.order.slot_of(keys, nth, key.as_bytes()));
     }
     Ok(())
 }
@@ -503,7 +501,7 @@ mod tests {
         let mut builders: Vec<StringBuilder> = keys.iter().map(|_| StringBuilder::new()).collect();
         let mut row = RowSlots {
             found: vec![false; keys.len()],
-            order: Vec::new(),
+            order: KeyOrder::default(),
         };
         let _ = read_object(json, keys, &mut row, &mut builders);
         for (builder, found) in builders.iter_mut().zip(&row.found) {
@@ -570,13 +568,10 @@ mod tests {
                 })
                 .collect();
             assert_eq!(got, jiter_fields(document, &keys), "document {document:?}");
-            let mut row = RowSlots {
-                found: vec![false; keys.len()],
-                order: Vec::new(),
-            };
-            let mut spans = vec![Span::Missing; keys.len()];
+            let mut order = KeyOrder::default();
+            let mut spans = vec![Span::Unread; keys.len()];
             fast += usize::from(
-                scan_plain_object(document.as_bytes(), &keys, &mut row, &mut spans).is_some(),
+                scan_plain_object(document.as_bytes(), &keys, &mut order, &mut spans).is_some(),
             );
         }
         // Both paths were taken, many times each.
@@ -586,12 +581,9 @@ mod tests {
             documents.len()
         );
         for seed in seeds {
-            let mut row = RowSlots {
-                found: vec![false; keys.len()],
-                order: Vec::new(),
-            };
-            let mut spans = vec![Span::Missing; keys.len()];
-            assert!(scan_plain_object(seed.as_bytes(), &keys, &mut row, &mut spans).is_some());
+            let mut order = KeyOrder::default();
+            let mut spans = vec![Span::Unread; keys.len()];
+            assert!(scan_plain_object(seed.as_bytes(), &keys, &mut order, &mut spans).is_some());
         }
     }
 
@@ -603,12 +595,11 @@ mod tests {
             (r#"{"a\u0062":"1"}"#, "ab"),
         ] {
             let keys = vec![key.to_string()];
-            let mut row = RowSlots {
-                found: vec![false],
-                order: Vec::new(),
-            };
-            let mut spans = vec![Span::Missing];
-            assert!(scan_plain_object(document.as_bytes(), &keys, &mut row, &mut spans).is_none());
+            let mut order = KeyOrder::default();
+            let mut spans = vec![Span::Unread];
+            assert!(
+                scan_plain_object(document.as_bytes(), &keys, &mut order, &mut spans).is_none()
+            );
             assert_eq!(
                 fields(Some(document), &[key]),
                 jiter_fields(document, &keys),
