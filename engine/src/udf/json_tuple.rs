@@ -229,14 +229,10 @@ fn scan_plain_object(
     let mut remaining = keys.len();
     let mut nth = 0;
     loop {
-        let (from, to) = at.plain_string()?;
+        let ((from, to), value) = at.entry(0)?;
         let slot = order
             .slot_of(keys, nth, &json[from..to])
             .filter(|i| spans[*i] == Span::Unread);
-        at.skip_whitespace();
-        at.eat(b':')?;
-        at.skip_whitespace();
-        let value = at.value(0)?;
         if let Some(i) = slot {
             spans[i] = value;
             remaining -= 1;
@@ -298,6 +294,38 @@ impl Cursor<'_> {
         Some((from, end))
     }
 
+    /// At a key: the key's contents and its value, as [`Cursor::value`] reads it.
+    fn entry(&mut self, depth: usize) -> Option<((usize, usize), Span)> {
+        let key = self.plain_string()?;
+        self.skip_whitespace();
+        self.eat(b':')?;
+        self.skip_whitespace();
+        Some((key, self.value(depth)?))
+    }
+
+    /// At an opening bracket: the comma-separated members up to `close`, each read by
+    /// `member`.
+    fn members(
+        &mut self,
+        close: u8,
+        mut member: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.at += 1;
+        self.skip_whitespace();
+        if self.eat(close).is_some() {
+            return Some(());
+        }
+        loop {
+            member(self)?;
+            self.skip_whitespace();
+            match self.next()? {
+                b',' => self.skip_whitespace(),
+                b if b == close => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
     /// Skips one value; a string gives its contents, `null` nothing, any other value its
     /// raw text.
     fn value(&mut self, depth: usize) -> Option<Span> {
@@ -314,38 +342,10 @@ impl Cursor<'_> {
             b't' => self.literal(b"true")?,
             b'f' => self.literal(b"false")?,
             b'{' if depth < MAX_PLAIN_DEPTH => {
-                self.at += 1;
-                self.skip_whitespace();
-                if self.eat(b'}').is_none() {
-                    loop {
-                        self.plain_string()?;
-                        self.skip_whitespace();
-                        self.eat(b':')?;
-                        self.skip_whitespace();
-                        self.value(depth + 1)?;
-                        self.skip_whitespace();
-                        match self.next()? {
-                            b',' => self.skip_whitespace(),
-                            b'}' => break,
-                            _ => return None,
-                        }
-                    }
-                }
+                self.members(b'}', |at| at.entry(depth + 1).map(drop))?;
             }
             b'[' if depth < MAX_PLAIN_DEPTH => {
-                self.at += 1;
-                self.skip_whitespace();
-                if self.eat(b']').is_none() {
-                    loop {
-                        self.value(depth + 1)?;
-                        self.skip_whitespace();
-                        match self.next()? {
-                            b',' => self.skip_whitespace(),
-                            b']' => break,
-                            _ => return None,
-                        }
-                    }
-                }
+                self.members(b']', |at| at.value(depth + 1).map(drop))?;
             }
             b'-' | b'0'..=b'9' => self.number()?,
             _ => return None,
