@@ -1475,7 +1475,9 @@ mod tests {
     /// the batch: the spilled run must read its buckets back and pick the same winners.
     #[tokio::test]
     async fn a_batch_larger_than_the_memory_limit_spills_and_keeps_the_same_winners() {
-        let n = 60_000;
+        // More rows than a session batch (64 Ki): the pieces of one batch are admitted even
+        // over the limit, so it is the next batch that finds the pool full and spills.
+        let n = 200_000;
         let keys: Vec<String> = (0..n).map(|i| format!("key-{:06}", i % 20_000)).collect();
         let ts: Vec<Option<i64>> = (0..n).map(|i| Some((i as i64 * 7919) % 13)).collect();
         let line: Vec<i64> = (0..n as i64).collect();
@@ -1488,7 +1490,7 @@ mod tests {
         assert_eq!(spilled_none, 0);
         assert!(
             spilled_rows > 0,
-            "a 64 KiB limit must spill a 60,000-row batch"
+            "a 64 KiB limit must spill a 200,000-row batch"
         );
         assert_eq!(in_memory, spilled);
     }
@@ -1585,7 +1587,8 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let n = 60_000;
+        // More rows than a session batch, as above.
+        let n = 200_000;
         let keys: Vec<String> = (0..n).map(|i| format!("key-{:06}", i % 20_000)).collect();
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let line: Vec<i64> = (0..n as i64).collect();
@@ -1600,6 +1603,6 @@ mod tests {
         assert!(!out.streaming);
         assert!(out.spilled_rows > 0);
         let got = lines(&out.rows.collect().await.unwrap());
-        assert_eq!(got, (40_000..60_000).collect::<Vec<i64>>());
+        assert_eq!(got, (180_000..200_000).collect::<Vec<i64>>());
     }
 }
