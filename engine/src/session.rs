@@ -44,8 +44,8 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
         // Batches of 64 Ki rows, as bronze parses and silver's dedup emits them, instead of
         // DataFusion's 8 Ki: every operator pays a fixed cost per batch (the Parquet reader,
         // the hash repartition's split, the aggregations' interning setup, delta-rs's split
-        // by partition value). At SF 10, alternating: gold alone 16.4-20.7 s against
-        // 19.0-24.1 s, silver alone 28.1-33.9 s against 30.9-35.3 s; SF 1 peaks unchanged.
+        // by partition value). At SF 10, each layer alone alternating with 8 Ki
+        // (`benches/layers.py`): gold 22.0 s against 25.2 s, silver 38.8 s against 42.2 s.
         .with_batch_size(BATCH_ROWS)
         // Landed data sits in batch sub-folders; listing scans must descend into them.
         .set_bool(
