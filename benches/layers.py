@@ -25,9 +25,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import run as suite  # noqa: E402
 
-BEFORE = {"silver": ["bronze"], "gold": ["bronze", "silver"]}
-
-
 def parse_variant(text):
     name, _, env = text.partition("=")
     pairs = {}
@@ -42,7 +39,7 @@ def parse_variant(text):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--layer", choices=sorted(BEFORE), required=True)
+    ap.add_argument("--layer", choices=sorted(suite.LAYERS_BEFORE), required=True)
     ap.add_argument("--variant", action="append", required=True, help="NAME or NAME=KEY=VALUE,... (repeatable)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--medallion", default=suite.medallion_binary())
@@ -54,28 +51,20 @@ def main():
         raise SystemExit("variant names must differ")
 
     base = os.path.join(args.work, f"sf{args.scale:g}", "out-medallion")
-    if not all(os.path.exists(os.path.join(base, layer)) for layer in BEFORE[args.layer]):
+    if not all(os.path.exists(os.path.join(base, layer)) for layer in suite.LAYERS_BEFORE[args.layer]):
         raise SystemExit(f"no lake at {base}: run `benches/run.py --scale {args.scale:g} --engines medallion` first")
     work = os.path.join(args.work, f"layers-sf{args.scale:g}")
     results = {name: {"env": env, "runs": []} for name, env in variants.items()}
     gold = {}
     for round_ in range(1, args.repeat + 1):
         for name, extra in variants.items():
-            lake = os.path.join(work, "lake")
-            shutil.rmtree(work, ignore_errors=True)
-            os.makedirs(lake)
-            for layer in BEFORE[args.layer]:
-                os.symlink(os.path.join(base, layer), os.path.join(lake, layer))
-            summary = os.path.join(work, "summary.json")
-            cmd = [args.medallion, "run", "commerce", "--layer", args.layer, "--var", f"lake={lake}",
-                   "--var", "landing=/nonexistent", "--state", os.path.join(work, "state"), "--summary", summary]
-            run = suite.measure(cmd, env={**os.environ, **extra}, log=os.path.join(work, "run.log"))
-            with open(summary) as f:
-                run["tables"] = {t["table"]: t["duration_ms"] for t in json.load(f)["tables"]}
+            run, summary, lake = suite.run_layer_alone(
+                args.medallion, base, work, args.layer, env={**os.environ, **extra})
+            run["tables"] = {t["table"]: t["duration_ms"] for t in summary["tables"]}
             results[name]["runs"].append(run)
             print(f"  round {round_} {name:24} wall {run['wall_s']:7.2f} s  cpu {run['cpu_s']:7.2f} s  "
                   f"peak {run['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
-            if args.layer == "gold":
+            if args.layer == "gold" and round_ == args.repeat:
                 gold[name] = suite.gold_rows("medallion", lake, args.medallion)
     shutil.rmtree(work, ignore_errors=True)
 

@@ -17,9 +17,7 @@ equals the first's, and writes benches/results/skew-sf<N>.json.
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,22 +47,15 @@ def main():
     work = os.path.join(args.work, f"skew-sf{args.scale:g}")
     results = {m: {"runs": []} for m in MODES}
     gold = {}
-    for _ in range(args.repeat):
+    for round_ in range(1, args.repeat + 1):
         for mode, flags in MODES.items():
-            lake = os.path.join(work, "lake")
-            shutil.rmtree(work, ignore_errors=True)
-            os.makedirs(lake)
-            for layer in ("bronze", "silver"):
-                os.symlink(os.path.join(base, layer), os.path.join(lake, layer))
-            summary = os.path.join(work, "summary.json")
-            cmd = [args.medallion, "run", "commerce", "--layer", "gold", "--var", f"lake={lake}", "--var", "landing=/nonexistent",
-                   "--state", os.path.join(work, "state"), "--target-partitions", str(args.partitions), "--summary", summary] + flags
-            run = suite.measure(cmd, log=os.path.join(work, "run.log"))
-            with open(summary) as f:
-                run["tables"] = {t["table"]: {"duration_ms": t["duration_ms"], "repartitions": t.get("repartitions", [])}
-                                 for t in json.load(f)["tables"]}
+            run, summary, lake = suite.run_layer_alone(
+                args.medallion, base, work, "gold", ["--target-partitions", str(args.partitions), *flags])
+            run["tables"] = {t["table"]: {"duration_ms": t["duration_ms"], "repartitions": t.get("repartitions", [])}
+                             for t in summary["tables"]}
             results[mode]["runs"].append(run)
-            gold[mode] = suite.gold_rows("medallion", lake, args.medallion)
+            if round_ == args.repeat:
+                gold[mode] = suite.gold_rows("medallion", lake, args.medallion)
     print(f"gold at {args.partitions} target partitions, SF {args.scale:g}, median of {args.repeat}")
     for mode, r in results.items():
         runs = r["runs"]
