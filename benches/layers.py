@@ -1,17 +1,20 @@
-"""One layer alone, in variants that differ by environment, alternating: the A/B of a change.
+"""One layer alone, in variants that differ by environment or build, alternating: the A/B of a change.
 
 Whole runs at SF 10 move with this VM's hour by more than most changes are worth, and the
-layers before the one a change touches add their own spread. This runs only `--layer` (silver
-or gold) over the lake `run.py` left at a scale factor (run it first): the layers before it
-are linked read-only, the layer itself is rebuilt from scratch each time with a fresh state
-folder. Variants alternate, `--repeat` rounds, each variant given as `NAME` or
-`NAME=KEY=VALUE,KEY=VALUE` (environment variables of that variant's runs; DataFusion reads its
-settings from `DATAFUSION_*`). It prints every run and, per variant, the median wall and CPU
-time, the peak RSS and each table's median time; for gold it checks that every variant's
-tables equal the first's. Results go to benches/results/layers-<layer>-sf<N>.json.
+layers before the one a change touches add their own spread. This runs only `--layer` over
+the lake `run.py` left at a scale factor (run it first): the layers before it are linked
+read-only (bronze reads run.py's cached landing), the layer itself is rebuilt from scratch
+each time with a fresh state folder. Variants alternate, `--repeat` rounds, each variant given
+as `NAME` or `NAME=KEY=VALUE,KEY=VALUE`: environment variables of that variant's runs
+(DataFusion reads its settings from `DATAFUSION_*`), except `binary=PATH`, another build of
+medallion to run. It prints every run and, per variant, the median wall and CPU time, the peak
+RSS and each table's median time; for gold it checks that every variant's tables equal the
+first's. Results go to benches/results/layers-<layer>-sf<N>.json.
 
     ~/.cache/medallion/bench-venv/bin/python benches/layers.py --scale 10 --layer gold --repeat 4 \\
         --variant 'batch 8 Ki=DATAFUSION_EXECUTION_BATCH_SIZE=8192' --variant default
+    ~/.cache/medallion/bench-venv/bin/python benches/layers.py --scale 10 --layer bronze \\
+        --variant 'before=binary=/tmp/medallion-before' --variant after
 """
 
 import argparse
@@ -53,19 +56,22 @@ def main():
     base = os.path.join(args.work, f"sf{args.scale:g}", "out-medallion")
     if not all(os.path.exists(os.path.join(base, layer)) for layer in suite.LAYERS_BEFORE[args.layer]):
         raise SystemExit(f"no lake at {base}: run `benches/run.py --scale {args.scale:g} --engines medallion` first")
+    landing = os.path.join(args.work, f"sf{args.scale:g}", "landing")
     work = os.path.join(args.work, f"layers-sf{args.scale:g}")
     results = {name: {"env": env, "runs": []} for name, env in variants.items()}
     gold = {}
     for round_ in range(1, args.repeat + 1):
         for name, extra in variants.items():
+            extra = dict(extra)
+            binary = extra.pop("binary", args.medallion)
             run, summary, lake = suite.run_layer_alone(
-                args.medallion, base, work, args.layer, env={**os.environ, **extra})
+                binary, base, work, args.layer, env={**os.environ, **extra}, landing=landing)
             run["tables"] = {t["table"]: t["duration_ms"] for t in summary["tables"]}
             results[name]["runs"].append(run)
             print(f"  round {round_} {name:24} wall {run['wall_s']:7.2f} s  cpu {run['cpu_s']:7.2f} s  "
                   f"peak {run['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
             if args.layer == "gold" and round_ == args.repeat:
-                gold[name] = suite.gold_rows("medallion", lake, args.medallion)
+                gold[name] = suite.gold_rows("medallion", lake, binary)
     shutil.rmtree(work, ignore_errors=True)
 
     print(f"\n{args.layer} alone, SF {args.scale:g}, median of {args.repeat}")
