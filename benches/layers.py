@@ -57,6 +57,8 @@ def main():
     if not all(os.path.exists(os.path.join(base, layer)) for layer in suite.LAYERS_BEFORE[args.layer]):
         raise SystemExit(f"no lake at {base}: run `benches/run.py --scale {args.scale:g} --engines medallion` first")
     landing = os.path.join(args.work, f"sf{args.scale:g}", "landing")
+    if args.layer == "bronze" and not os.path.isdir(landing):
+        raise SystemExit(f"no landing at {landing}: run `benches/run.py --scale {args.scale:g} --engines medallion` first")
     work = os.path.join(args.work, f"layers-sf{args.scale:g}")
     results = {name: {"env": env, "runs": []} for name, env in variants.items()}
     gold = {}
