@@ -65,8 +65,9 @@ use seen::KeySet;
 
 /// Seed of every key hash, so that equal keys hash equal from batch to batch.
 const KEY_HASH_SEED: u64 = 0x6d65_6461_6c6c;
-/// Rows per output batch.
-const OUTPUT_BATCH_ROWS: usize = 64 * 1024;
+/// Rows per output batch: the session's batch size, so that the operators after the dedup
+/// take whole batches.
+const OUTPUT_BATCH_ROWS: usize = crate::session::BATCH_ROWS;
 /// Buckets the rows are split into. Enough that one bucket of a batch too large for memory
 /// fits in it; few enough that every bucket of an ordinary batch still holds long runs.
 const BUCKETS: usize = 64;
