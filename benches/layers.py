@@ -7,7 +7,7 @@ read-only (bronze reads run.py's cached landing), the layer itself is rebuilt fr
 each time with a fresh state folder. Variants alternate, `--repeat` rounds, each variant given
 as `NAME` or `NAME=KEY=VALUE,KEY=VALUE`: environment variables of that variant's runs
 (DataFusion reads its settings from `DATAFUSION_*`), except `binary=PATH`, another build of
-medallion to run. It prints every run and, per variant, the median wall and CPU time, the peak
+medallion to run, and `pipeline=PATH`, another version of the commerce pipeline's folder. It prints every run and, per variant, the median wall and CPU time, the peak
 RSS and each table's median time; for gold it checks that every variant's tables equal the
 first's. Results go to benches/results/layers-<layer>-sf<N>.json.
 
@@ -66,8 +66,10 @@ def main():
         for name, extra in variants.items():
             extra = dict(extra)
             binary = extra.pop("binary", args.medallion)
+            pipeline = extra.pop("pipeline", "commerce")
             run, summary, lake = suite.run_layer_alone(
-                binary, base, work, args.layer, env={**os.environ, **extra}, landing=landing)
+                binary, base, work, args.layer, env={**os.environ, **extra}, landing=landing,
+                pipeline=pipeline)
             run["tables"] = {t["table"]: t["duration_ms"] for t in summary["tables"]}
             results[name]["runs"].append(run)
             print(f"  round {round_} {name:24} wall {run['wall_s']:7.2f} s  cpu {run['cpu_s']:7.2f} s  "

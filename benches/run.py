@@ -211,17 +211,18 @@ def normalise(value):
 LAYERS_BEFORE = {"bronze": [], "silver": ["bronze"], "gold": ["bronze", "silver"]}
 
 
-def run_layer_alone(medallion, base, work, layer, flags=(), env=None, landing="/nonexistent"):
+def run_layer_alone(medallion, base, work, layer, flags=(), env=None, landing="/nonexistent", pipeline="commerce"):
     """Rebuilds `layer` of the lake at `base` from scratch under `work`: the layers before it
-    linked read-only, a fresh state folder; bronze reads `landing`. Returns measure()'s
-    figures, the run summary and the lake's path."""
+    linked read-only, a fresh state folder; bronze reads `landing`, and `pipeline` names the
+    pipeline (a name or a folder). Returns measure()'s figures, the run summary and the lake's
+    path."""
     lake = os.path.join(work, "lake")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(lake)
     for before in LAYERS_BEFORE[layer]:
         os.symlink(os.path.join(base, before), os.path.join(lake, before))
     summary = os.path.join(work, "summary.json")
-    cmd = [medallion, "run", "commerce", "--layer", layer, "--var", f"lake={lake}", "--var", f"landing={landing}",
+    cmd = [medallion, "run", pipeline, "--layer", layer, "--var", f"lake={lake}", "--var", f"landing={landing}",
            "--state", os.path.join(work, "state"), "--summary", summary, *flags]
     run = measure(cmd, env=env, log=os.path.join(work, "run.log"))
     with open(summary) as f:

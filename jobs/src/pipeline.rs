@@ -210,10 +210,12 @@ pub enum Keep {
     #[default]
     Latest,
     /// The rows of a key are copies of each other (re-delivered events, Spark's
-    /// `dropDuplicates`), so any one may stay. A first load keeps the first to arrive and
-    /// writes rows as they come, holding only the keys seen instead of the whole batch, when
-    /// the run has no memory limit and the table no `fail` rule (which must pass before
-    /// anything is written); otherwise, and for later loads, rows are kept as for `latest`.
+    /// `dropDuplicates`), so any one may stay, and the SQL need not select the tie-break
+    /// columns. A first load keeps the first to arrive and writes rows as they come, holding
+    /// only the keys seen instead of the whole batch, when the run has no memory limit and the
+    /// table no `fail` rule (which must pass before anything is written); otherwise, and for
+    /// later loads, rows are held and reduced to one per key, and a key already in the table
+    /// keeps its row.
     Any,
 }
 

@@ -244,7 +244,7 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
         }
         for col in [SOURCE_FILE, SOURCE_LINE]
             .into_iter()
-            .filter(|col| !has(col))
+            .filter(|col| s.keep == Keep::Latest && !has(col))
         {
             c.at(
                 at,

@@ -32,7 +32,8 @@ use crate::summary::TableSummary;
 pub const INPUT_RELATION: &str = "input";
 /// In quarantine rows, the bronze `_run_id` (the run that ingested the row).
 pub const INGEST_RUN_ID: &str = "_ingest_run_id";
-/// Tie-break columns every silver table carries, after its `keep_latest_by` columns.
+/// Tie-break columns every silver table that keeps the latest row carries, after its
+/// `keep_latest_by` columns.
 pub const TIE_BREAK: [&str; 2] = [
     medallion_connectors::files::SOURCE_FILE,
     medallion_connectors::files::SOURCE_LINE,
@@ -547,8 +548,12 @@ pub(crate) async fn shape_and_dedup(
 }
 
 /// The columns that decide which row a key keeps, in the batch and against the table alike:
-/// `keep_latest_by`, then the row seen last.
+/// `keep_latest_by`, then the row seen last. None under `keep = "any"`: the copies of a key
+/// are alike, so the table's row stays and the SQL need not carry the tie-break columns.
 fn winner_order(spec: &SilverSpec) -> Vec<String> {
+    if spec.keep == Keep::Any {
+        return Vec::new();
+    }
     let mut order = spec.keep_latest_by.clone();
     order.extend(TIE_BREAK.iter().map(|s| (*s).to_string()));
     order
