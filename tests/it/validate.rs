@@ -250,13 +250,12 @@ fn keep_any_with_keep_latest_by_is_refused() {
 #[test]
 fn a_table_keeping_the_latest_row_must_select_the_tie_break_columns() {
     // events (`keep = "any"`) selects neither and is valid; orders drops one.
-    let s = broken_pipeline(|d| {
-        replace(&d.join("silver/orders.sql"), "    _source_line,\n", "")
-    });
+    let s = broken_pipeline(|d| replace(&d.join("silver/orders.sql"), "    _source_line,\n", ""));
     let (code, stderr) = validate(s.dir.path());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
-        stderr.contains("silver table 'orders': ") && stderr.contains("must select '_source_line' (the keep rule's tie-break)"),
+        stderr.contains("silver table 'orders': ")
+            && stderr.contains("must select '_source_line' (the keep rule's tie-break)"),
         "{stderr}"
     );
     assert!(!stderr.contains("'events'"), "{stderr}");

@@ -258,7 +258,9 @@ mod tests {
                 .unwrap();
         }
         let table = crate::table::open_table(&url).await.unwrap().unwrap();
-        crate::table::register_table(&ctx, "silver", "t", &table).await.unwrap();
+        crate::table::register_table(&ctx, "silver", "t", &table)
+            .await
+            .unwrap();
         let out = ctx
             .sql("SELECT k || '=' || v AS kv FROM silver.t ORDER BY kv")
             .await
@@ -271,7 +273,9 @@ mod tests {
             .flat_map(|b| {
                 let kv = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
                 let kv = kv.as_any().downcast_ref::<StringArray>().unwrap();
-                kv.iter().map(|s| s.unwrap().to_string()).collect::<Vec<_>>()
+                kv.iter()
+                    .map(|s| s.unwrap().to_string())
+                    .collect::<Vec<_>>()
             })
             .collect()
     }

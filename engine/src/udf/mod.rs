@@ -116,9 +116,11 @@ pub fn parse_timestamp_micros(s: &str) -> Option<i64> {
 }
 
 /// Days from 1970-01-01 to a proleptic Gregorian date of a four-digit year, `None` for a day
-/// the month does not have. Howard Hinnant's `days_from_civil`: chrono's checked date
-/// constructor was a tenth of a silver run's timestamp parsing, for the same answer (a test
-/// compares every day from year 0 to 9999 with chrono).
+/// the month does not have. Howard Hinnant's `days_from_civil`, for chrono's checked date
+/// constructor, which made parsing slower for the same answer (`cargo bench -p
+/// medallion-benches -- parse_timestamp`, medians per 100,000 values: 1.26 against 1.39 ms in
+/// UTC, 1.55 against 1.67 with an offset, 1.33 against 1.41 without a zone). A test compares
+/// every day from year 0 to 9999 with chrono.
 fn days_from_civil(year: u32, month: u32, day: u32) -> Option<i64> {
     let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
     let month_days = match month {
