@@ -122,7 +122,7 @@ pub fn parse_timestamp_micros(s: &str) -> Option<i64> {
 /// UTC, 1.55 against 1.67 with an offset, 1.33 against 1.41 without a zone). A test compares
 /// every day from year 0 to 9999 with chrono.
 fn days_from_civil(year: u32, month: u32, day: u32) -> Option<i64> {
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let leap = year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400));
     let month_days = match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,
