@@ -548,7 +548,13 @@ impl Reduction {
     /// The winners among `batches` (all rows of some buckets), in output batches.
     fn winners(&self, batches: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
         let keys = encode(batches, &self.keys)?;
-        let order = encode(batches, &self.order)?;
+        // No order columns (`keep = "any"`): every row ties, so the later one wins, as it
+        // does among held rows. Encoding no columns would give rows of nothing to compare.
+        let order = if self.order.is_empty() {
+            None
+        } else {
+            Some(encode(batches, &self.order)?)
+        };
         let mut winners: HashMap<&[u8], (u32, u32)> =
             HashMap::with_capacity(batches.iter().map(RecordBatch::num_rows).sum::<usize>());
         for (b, key_rows) in keys.iter().enumerate() {
@@ -560,7 +566,10 @@ impl Reduction {
                     }
                     Entry::Occupied(mut o) => {
                         let (wb, wr) = *o.get();
-                        if order[b].row(r) >= order[wb as usize].row(wr as usize) {
+                        let later_wins = order.as_ref().is_none_or(|order| {
+                            order[b].row(r) >= order[wb as usize].row(wr as usize)
+                        });
+                        if later_wins {
                             o.insert(at);
                         }
                     }
@@ -1470,6 +1479,26 @@ mod tests {
         let mut expected: Vec<i64> = best.values().map(|(_, l)| *l).collect();
         expected.sort_unstable();
         assert_eq!(held, expected);
+    }
+
+    /// No order columns (`keep = "any"`): one row per key, the one that came last, whether
+    /// the rows are held or spilled to buckets.
+    #[tokio::test]
+    async fn without_order_columns_each_key_keeps_its_last_row_held_or_spilled() {
+        let n = 200_000;
+        let keys: Vec<String> = (0..n).map(|i| format!("key-{:06}", i % 20_000)).collect();
+        let ts: Vec<Option<i64>> = vec![None; n];
+        let line: Vec<i64> = (0..n as i64).collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let input = batch(&key_refs, &ts, &line);
+        let reduce = |limit| reduce_under(vec![input.clone()], &[], 3, limit, 0);
+        let (held, spilled_none) = reduce(None).await;
+        let (spilled, spilled_rows) = reduce(Some(64 * 1024)).await;
+        assert_eq!(spilled_none, 0);
+        assert!(spilled_rows > 0, "a 64 KiB limit must spill 200,000 rows");
+        let last: Vec<i64> = (180_000..200_000).collect();
+        assert_eq!(held, last);
+        assert_eq!(spilled, last);
     }
 
     /// Many keys, each sent several times, reduced with and without a memory limit far below

@@ -133,7 +133,8 @@ fn days_from_civil(year: u32, month: u32, day: u32) -> Option<i64> {
     if day == 0 || day > month_days {
         return None;
     }
-    // Years start in March, so that the leap day ends one; year 0 is in era 0 (no negatives).
+    // Years start in March, so that the leap day ends one; January and February of year 0
+    // belong to year -1, which `div_euclid` puts in the era before.
     let y = i64::from(year) - i64::from(month <= 2);
     let era = y.div_euclid(400);
     let year_of_era = y - era * 400;
