@@ -7,9 +7,10 @@ read-only (bronze reads run.py's cached landing), the layer itself is rebuilt fr
 each time with a fresh state folder. Variants alternate, `--repeat` rounds, each variant given
 as `NAME` or `NAME=KEY=VALUE,KEY=VALUE`: environment variables of that variant's runs
 (DataFusion reads its settings from `DATAFUSION_*`), except `binary=PATH`, another build of
-medallion to run, and `pipeline=PATH`, another version of the commerce pipeline's folder. It prints every run and, per variant, the median wall and CPU time, the peak
-RSS and each table's median time; for gold it checks that every variant's tables equal the
-first's. Results go to benches/results/layers-<layer>-sf<N>.json.
+medallion to run, and `pipeline=PATH`, another version of the commerce pipeline's folder. It
+prints every run and, per variant, the median wall and CPU time, the peak RSS and each
+table's median time; for gold it checks that every variant's tables equal the first's.
+Results go to benches/results/layers-<layer>-sf<N>.json.
 
     ~/.cache/medallion/bench-venv/bin/python benches/layers.py --scale 10 --layer gold --repeat 4 \\
         --variant 'batch 8 Ki=DATAFUSION_EXECUTION_BATCH_SIZE=8192' --variant default
