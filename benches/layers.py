@@ -1,4 +1,4 @@
-"""One layer alone, in variants that differ by environment or build, alternating: the A/B of a change.
+"""One layer alone, in variants that differ by environment, build or pipeline, alternating: an A/B.
 
 Whole runs at SF 10 move with this VM's hour by more than most changes are worth, and the
 layers before the one a change touches add their own spread. This runs only `--layer` over

@@ -362,6 +362,19 @@ fn is_root() -> bool {
 }
 
 /// The last line of a command's stdout, parsed as the run summary JSON.
+/// Runs the `medallion` binary, which must exit 0, and returns its run summary.
+pub fn medallion_ok(args: &[&str]) -> serde_json::Value {
+    let out = medallion(args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "medallion {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    summary_of(&out)
+}
+
 pub fn summary_of(output: &std::process::Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let last = stdout.lines().last().unwrap_or_default();

@@ -10,14 +10,13 @@ use arrow::datatypes::SchemaRef;
 use datafusion::common::TableReference;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use medallion_connectors::files::{SOURCE_FILE, SOURCE_LINE};
 use medallion_engine::session;
 use medallion_quality::{QualityError, RuleSet};
 
 use crate::error::{ConfigIssue, JobError};
 use crate::pipeline::{FormatSpec, GoldKind, Keep, Pipeline, SourceSpec};
 use crate::run::bronze::bronze_schema;
-use crate::run::silver::{INGEST_RUN_ID, INPUT_RELATION, with_derived};
+use crate::run::silver::{INGEST_RUN_ID, INPUT_RELATION, tie_break, with_derived};
 
 /// What a valid pipeline looks like once planned.
 #[derive(Debug, Clone)]
@@ -242,10 +241,7 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                 );
             }
         }
-        for col in [SOURCE_FILE, SOURCE_LINE]
-            .into_iter()
-            .filter(|col| s.keep == Keep::Latest && !has(col))
-        {
+        for col in tie_break(s).iter().filter(|col| !has(col)) {
             c.at(
                 at,
                 format!(

@@ -4,8 +4,8 @@
 use std::os::unix::fs::PermissionsExt as _;
 
 use medallion_tests::{
-    Scratch, commerce_dir, copy_tree, count, fixture, gold_snapshot, medallion, summary_of,
-    versions,
+    Scratch, commerce_dir, copy_tree, count, fixture, gold_snapshot, medallion, medallion_ok,
+    summary_of, versions,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,14 +24,7 @@ async fn an_unreadable_file_fails_the_run_and_changes_no_table() {
         &lake_var,
     ];
 
-    let first = medallion(&args);
-    assert_eq!(
-        first.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&first.stderr)
-    );
-    assert_eq!(summary_of(&first)["status"], "succeeded");
+    assert_eq!(medallion_ok(&args)["status"], "succeeded");
     let before = versions(&s.lake()).await;
     let gold_before = gold_snapshot(&s.lake()).await;
 
@@ -73,13 +66,7 @@ async fn an_unreadable_file_fails_the_run_and_changes_no_table() {
     // Once readable, the rerun ingests both new files, once.
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o644)).unwrap();
     let bronze_orders = count(&s.lake(), "bronze", "orders").await;
-    let healed = medallion(&args);
-    assert_eq!(
-        healed.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&healed.stderr)
-    );
+    medallion_ok(&args);
     assert_eq!(
         count(&s.lake(), "bronze", "orders").await,
         bronze_orders * 2

@@ -3,8 +3,7 @@
 use medallion_jobs::generate::{GenerateOptions, generate};
 use medallion_tests::{
     RunLayer, Scratch, commerce_dir, copy_tree, gold_snapshot, lake_session, land_batch,
-    land_first_lines, medallion, replace_in_file, run_all_ok, run_commerce, scalar, summary_of,
-    versions,
+    land_first_lines, medallion_ok, replace_in_file, run_all_ok, run_commerce, scalar, versions,
 };
 
 fn generated(batches: u32) -> Scratch {
@@ -265,21 +264,14 @@ async fn a_model_whose_sql_changed_is_rebuilt_though_its_inputs_did_not() {
     copy_tree(&commerce_dir(), pipeline_dir.dir.path());
     let run = |lake: &Scratch| {
         let pipeline = pipeline_dir.dir.path().join("pipeline.toml");
-        let out = medallion(&[
+        medallion_ok(&[
             "run",
             pipeline.to_str().unwrap(),
             "--var",
             &format!("landing={}", source.landing().display()),
             "--var",
             &format!("lake={}", lake.lake().display()),
-        ]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        summary_of(&out)
+        ])
     };
     let lake = Scratch::new();
     run(&lake);
@@ -355,7 +347,7 @@ async fn a_model_built_a_slice_of_partitions_at_a_time_equals_one_built_at_once(
         land_batch(&source.landing(), &lake.landing(), &format!("batch-{b:04}"));
     }
     let run = |slice_rows: &str| {
-        let out = medallion(&[
+        let summary = medallion_ok(&[
             "run",
             "commerce",
             "--var",
@@ -365,13 +357,6 @@ async fn a_model_built_a_slice_of_partitions_at_a_time_equals_one_built_at_once(
             "--slice-rows",
             slice_rows,
         ]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let summary = summary_of(&out);
         summary["tables"]
             .as_array()
             .unwrap()
@@ -438,14 +423,7 @@ async fn a_run_under_a_memory_limit_gives_the_same_gold_on_first_and_later_loads
                 "silver",
             ]);
         }
-        let out = medallion(&args);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        summary_of(&out)
+        medallion_ok(&args)
     };
     let (limited, unlimited) = (Scratch::new(), Scratch::new());
     for (n, batch) in ["batch-0001", "batch-0002"].into_iter().enumerate() {

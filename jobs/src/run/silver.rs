@@ -547,15 +547,20 @@ pub(crate) async fn shape_and_dedup(
     dedup(&run.ctx, shaped, spec, read_once, expected_rows).await
 }
 
-/// The columns that decide which row a key keeps, in the batch and against the table alike:
-/// `keep_latest_by`, then the row seen last. None under `keep = "any"`: the copies of a key
-/// are alike, so the table's row stays and the SQL need not carry the tie-break columns.
-fn winner_order(spec: &SilverSpec) -> Vec<String> {
-    if spec.keep == Keep::Any {
-        return Vec::new();
+/// The tie-break columns a table's SQL must select: [`TIE_BREAK`], or none under
+/// `keep = "any"`, whose copies of a key are alike, so the table's row stays.
+pub(crate) fn tie_break(spec: &SilverSpec) -> &'static [&'static str] {
+    match spec.keep {
+        Keep::Latest => &TIE_BREAK,
+        Keep::Any => &[],
     }
+}
+
+/// The columns that decide which row a key keeps, in the batch and against the table alike:
+/// `keep_latest_by` (empty under `keep = "any"`), then the tie-break.
+fn winner_order(spec: &SilverSpec) -> Vec<String> {
     let mut order = spec.keep_latest_by.clone();
-    order.extend(TIE_BREAK.iter().map(|s| (*s).to_string()));
+    order.extend(tie_break(spec).iter().map(|s| (*s).to_string()));
     order
 }
 
