@@ -21,6 +21,16 @@ pub const LAYER_SCHEMAS: [&str; 3] = ["bronze", "silver", "gold"];
 /// Rows per batch of query execution (DataFusion's `datafusion.execution.batch_size`).
 pub const BATCH_ROWS: usize = 64 * 1024;
 
+/// Bytes of a memory limit per row that one operator is sized to hold whole, when the limit
+/// sizes it: a gold slice's rows, a broadcast join's build side. Such an operator shares the
+/// pool fairly with a dozen others of its plan, and a hash join's table cannot spill. At SF 10
+/// under `--memory-limit 2GiB`, daily_engagement (an aggregation of 2.8 M groups per slice of
+/// 2 Mi rows) spilled and took 57.2 s, against 13.7 s in slices of 1 Mi rows and 13.4-14.2 s
+/// in slices of 2 Mi rows without a limit; at SF 1 under 128 MiB, broadcasting the 987 K
+/// silver orders (under the 2 M-row default) to join the FX rates asked for 129 MB and
+/// failed, where shuffling both sides builds on the 19 K rates.
+pub const LIMIT_BYTES_PER_HELD_ROW: usize = 2 * 1024;
+
 /// Settings of a session. Engine tuning passes through as DataFusion config keys rather than
 /// new knobs of our own.
 #[derive(Debug, Clone, Default)]
@@ -119,7 +129,10 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
         physical_rules.push(rule);
         if after_join_selection {
             physical_rules.push(Arc::new(BroadcastSmallBuildSide::new(
-                options.skew.broadcast_max_rows,
+                options
+                    .skew
+                    .within_memory_limit(options.memory_limit)
+                    .broadcast_max_rows,
             )) as _);
         }
     }

@@ -108,6 +108,24 @@ pub struct SkewOptions {
     pub combine_hot_groups: bool,
 }
 
+impl SkewOptions {
+    /// These options under a memory limit: a broadcast build side is held whole and cannot
+    /// spill, so it is broadcast only up to the limit over
+    /// [`crate::session::LIMIT_BYTES_PER_HELD_ROW`] rows (1 Mi at 2 GiB). A larger one is
+    /// shuffled with the other side, and the join builds on whichever side the plan puts
+    /// first, a share per partition.
+    pub fn within_memory_limit(self, memory_limit: Option<usize>) -> Self {
+        let Some(limit) = memory_limit else {
+            return self;
+        };
+        let held_rows = (limit / crate::session::LIMIT_BYTES_PER_HELD_ROW).max(1);
+        Self {
+            broadcast_max_rows: self.broadcast_max_rows.min(held_rows),
+            ..self
+        }
+    }
+}
+
 impl Default for SkewOptions {
     fn default() -> Self {
         Self {
@@ -477,6 +495,7 @@ mod tests {
 
     async fn joined_rows(
         broadcast_max_rows: usize,
+        memory_limit: Option<usize>,
         sql: &str,
     ) -> Result<(u64, Vec<RepartitionImbalance>, String)> {
         let options = SessionOptions {
@@ -485,6 +504,7 @@ mod tests {
                 broadcast_max_rows,
                 ..SkewOptions::default()
             },
+            memory_limit,
             // Keep DataFusion's own broadcast out of the way, so the rule is what is tested.
             datafusion_settings: vec![
                 (
@@ -512,7 +532,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_hot_key_skews_the_shuffle_and_broadcasting_removes_it() -> Result<()> {
-        let (rows, shuffled, plan) = joined_rows(0, FACTS_JOIN_DIM).await?;
+        let (rows, shuffled, plan) = joined_rows(0, None, FACTS_JOIN_DIM).await?;
         assert_eq!(rows, 4000);
         assert!(plan.contains("mode=Partitioned"), "{plan}");
         let worst = shuffled.iter().map(|r| r.imbalance).fold(0.0, f64::max);
@@ -520,10 +540,23 @@ mod tests {
         assert!(worst >= 2.0, "{shuffled:?}");
         assert!(shuffled.iter().any(|r| r.keys == "k"), "{shuffled:?}");
 
-        let (rows, broadcast, plan) = joined_rows(1000, FACTS_JOIN_DIM).await?;
+        let (rows, broadcast, plan) = joined_rows(1000, None, FACTS_JOIN_DIM).await?;
         assert_eq!(rows, 4000);
         assert!(plan.contains("mode=CollectLeft"), "{plan}");
         assert!(!broadcast.iter().any(|r| r.keys == "k"), "{broadcast:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_memory_limit_caps_the_side_a_join_broadcasts() -> Result<()> {
+        // The dimension's 100 rows fit a limit of 100 rows of 2 KiB, not one of 99.
+        let held = crate::session::LIMIT_BYTES_PER_HELD_ROW;
+        let (rows, _, plan) = joined_rows(1000, Some(100 * held), FACTS_JOIN_DIM).await?;
+        assert_eq!(rows, 4000);
+        assert!(plan.contains("mode=CollectLeft"), "{plan}");
+        let (rows, _, plan) = joined_rows(1000, Some(99 * held), FACTS_JOIN_DIM).await?;
+        assert_eq!(rows, 4000);
+        assert!(plan.contains("mode=Partitioned"), "{plan}");
         Ok(())
     }
 
@@ -533,7 +566,7 @@ mod tests {
         // limit); it keeps two thirds. The other side, an aggregation, has no count at all.
         let sql = "SELECT f.k, d.n, f.v FROM (SELECT * FROM facts WHERE v % 3 <> 1) f \
                    JOIN (SELECT k, count(*) AS n FROM dim GROUP BY k) d ON d.k = f.k";
-        let (rows, _, plan) = joined_rows(1000, sql).await?;
+        let (rows, _, plan) = joined_rows(1000, None, sql).await?;
         assert_eq!(rows, 2667);
         assert!(plan.contains("mode=Partitioned"), "{plan}");
         Ok(())

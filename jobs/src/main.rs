@@ -47,7 +47,9 @@ enum Command {
         memory_limit: Option<usize>,
         /// A hash join whose smaller side has at most this many rows broadcasts it instead of
         /// shuffling both sides on the join keys, so a hot key cannot load one partition
-        /// (Spark's autoBroadcastJoinThreshold, in rows); 0 turns it off.
+        /// (Spark's autoBroadcastJoinThreshold, in rows); 0 turns it off. Under
+        /// `--memory-limit`, at most the limit over 2 KiB rows, since a broadcast side cannot
+        /// spill.
         #[arg(long, env = "MEDALLION_BROADCAST_MAX_ROWS", default_value_t = medallion_engine::skew::DEFAULT_BROADCAST_MAX_ROWS)]
         broadcast_max_rows: usize,
         /// Hash aggregations sample their group keys before they shuffle, and merge the rows

@@ -84,26 +84,20 @@ pub struct GoldOptions {
 /// spilled for 34-36 s. Slices of 4 Mi or 8 Mi rows took as long without a limit.
 pub const DEFAULT_SLICE_ROWS: u64 = 2 << 20;
 
-/// Bytes of a memory limit per row of a slice, when the limit sets the slice size: a slice's
-/// aggregations share the pool fairly with a dozen other operators, so each gets a small part
-/// of it. At SF 10 under `--memory-limit 2GiB`, daily_engagement (an aggregation of 2.8 M
-/// groups per slice of 2 Mi rows) spilled and took 57.2 s, against 13.7 s in slices of 1 Mi
-/// rows and 13.4-14.2 s in slices of 2 Mi rows without a limit.
-const LIMIT_BYTES_PER_SLICE_ROW: u64 = 2 * 1024;
-
 /// The fewest rows a slice is cut to by a memory limit: each slice reads its other inputs
 /// whole (daily_engagement's customers), so very small slices repeat that work many times.
 const MIN_SLICE_ROWS: u64 = 64 * 1024;
 
 impl GoldOptions {
     /// The rows of a slice: `slice_rows` when set; otherwise [`DEFAULT_SLICE_ROWS`], lowered
-    /// under the run's memory limit to the limit over [`LIMIT_BYTES_PER_SLICE_ROW`] (at least
+    /// under the run's memory limit to the limit over
+    /// [`medallion_engine::session::LIMIT_BYTES_PER_HELD_ROW`] (at least
     /// [`MIN_SLICE_ROWS`]).
     pub fn slice_rows(&self, memory_limit: Option<usize>) -> u64 {
         self.slice_rows.unwrap_or_else(|| match memory_limit {
-            Some(limit) => {
-                (limit as u64 / LIMIT_BYTES_PER_SLICE_ROW).clamp(MIN_SLICE_ROWS, DEFAULT_SLICE_ROWS)
-            }
+            Some(limit) => (limit as u64
+                / medallion_engine::session::LIMIT_BYTES_PER_HELD_ROW as u64)
+                .clamp(MIN_SLICE_ROWS, DEFAULT_SLICE_ROWS),
             None => DEFAULT_SLICE_ROWS,
         })
     }
