@@ -93,6 +93,13 @@ def reap_all():
             return
 
 
+def failure_reason(text):
+    """The engine's own error line when its output has one (medallion's `error: ...`, after
+    a run summary that can be long), else the output's tail."""
+    errors = [line for line in text.splitlines() if line.lower().startswith("error")]
+    return errors[-1][:600] if errors else text[-400:]
+
+
 def measure(cmd, env=None, server=None, log=None):
     """Runs cmd (and optionally a server process started first) and returns wall, CPU, peak RSS."""
     reap_all()
@@ -131,8 +138,8 @@ def measure(cmd, env=None, server=None, log=None):
     if out is not subprocess.DEVNULL:
         out.close()
     if proc.returncode != 0:
-        tail = open(log).read()[-3000:] if log else ""
-        raise SystemExit(f"{' '.join(cmd)} failed with {proc.returncode}\n{tail}")
+        output = open(log).read() if log else ""
+        raise SystemExit(f"{' '.join(cmd)} failed with {proc.returncode}\n{failure_reason(output)}")
     return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "peak_rss_bytes": peak}
 
 
@@ -356,7 +363,7 @@ def main():
             except SystemExit as failure:
                 # One engine failing (out of memory, say) is a result; the others still run.
                 failed[e] = str(failure)[-2000:]
-                print(f"  run {r + 1} {e:10s} FAILED: {failed[e][-400:]}", flush=True)
+                print(f"  run {r + 1} {e:10s} FAILED: {failure_reason(str(failure))}", flush=True)
                 continue
             runs[e].append(m)
             print(f"  run {r + 1} {e:10s} wall {m['wall_s']:7.2f} s  cpu {m['cpu_s']:7.2f} s  peak {m['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
@@ -368,7 +375,8 @@ def main():
         best = sorted(ms, key=lambda m: m["wall_s"])[len(ms) // 2]  # the median run
         summary[e] = {**best, "runs": ms, "cost_usd": cost(best)}
     equality = {}
-    if "medallion" in chosen:
+    # Gold is compared with medallion's, so only when medallion's last run succeeded.
+    if "medallion" in chosen and "medallion" not in failed:
         ours = gold_rows("medallion", os.path.join(work, "out-medallion"), args.medallion)
         counts = {t: len(ours[t][1]) for t in GOLD}
         for e in chosen:
@@ -402,9 +410,10 @@ def main():
     }
     with open(os.path.join(args.results, f"{tag}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    svg_chart({e: summary[e] for e in summary}, os.path.join(args.results, f"{tag}.svg"),
-              f"commerce SF {args.scale:g}, {os.cpu_count()} cores: median of {args.repeat} run(s)")
-    print(f"results: {os.path.join(args.results, tag + '.json')} and .svg")
+    if summary:
+        svg_chart(summary, os.path.join(args.results, f"{tag}.svg"),
+                  f"commerce SF {args.scale:g}, {os.cpu_count()} cores: median of {args.repeat} run(s)")
+    print(f"results: {os.path.join(args.results, tag + '.json')}" + (" and .svg" if summary else ""))
     if failed or any(not q["equal"] for q in equality.values()):
         sys.exit(1)
 
