@@ -53,7 +53,28 @@ pub enum EngineError {
     InvalidWrite { table: String, reason: String },
 }
 
+/// How DataFusion's `ResourcesExhausted` error displays: delta-rs keeps a query error of a
+/// write or MERGE as its text alone (`DeltaTableError::Generic`), so the text is what is left
+/// to recognise it by.
+const RESOURCES_EXHAUSTED: &str = "Resources exhausted: ";
+
+/// Whether a query stopped because the memory pool (`--memory-limit`) refused an operator
+/// that could not spill (a hash join's table, a sort's merge reserve): the same work fails
+/// again under the same limit.
+pub fn memory_exhausted(error: &DataFusionError) -> bool {
+    matches!(error.find_root(), DataFusionError::ResourcesExhausted(_))
+}
+
 impl EngineError {
+    /// [`memory_exhausted`], for the engine's errors: a query's, or a Delta operation's.
+    pub fn is_memory_exhausted(&self) -> bool {
+        match self {
+            EngineError::DataFusion(e) => memory_exhausted(e),
+            EngineError::Delta { source, .. } => source.to_string().contains(RESOURCES_EXHAUSTED),
+            _ => false,
+        }
+    }
+
     pub(crate) fn delta(table: &url::Url, source: DeltaTableError) -> Self {
         EngineError::Delta {
             table: table.to_string(),
@@ -71,5 +92,26 @@ impl From<DataFusionError> for EngineError {
 impl From<datafusion::arrow::error::ArrowError> for EngineError {
     fn from(e: datafusion::arrow::error::ArrowError) -> Self {
         EngineError::DataFusion(Box::new(DataFusionError::ArrowError(Box::new(e), None)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_exhaustion_is_recognised_through_delta_rs_and_datafusion_context() {
+        let exhausted = || DataFusionError::ResourcesExhausted("Failed to allocate".into());
+        let url = url::Url::parse("file:///lake/gold/t/").unwrap_or_else(|_| unreachable!());
+        // delta-rs turns a DataFusion error into text (`Generic`); a sort adds its context.
+        let through_delta = EngineError::delta(&url, DeltaTableError::from(exhausted()));
+        assert!(through_delta.is_memory_exhausted(), "{through_delta}");
+        let with_context = EngineError::from(exhausted().context("Not enough memory to sort"));
+        assert!(with_context.is_memory_exhausted(), "{with_context}");
+        let other = EngineError::delta(
+            &url,
+            DeltaTableError::from(DataFusionError::Plan("no such column".into())),
+        );
+        assert!(!other.is_memory_exhausted(), "{other}");
     }
 }

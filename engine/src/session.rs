@@ -99,10 +99,14 @@ pub fn new_session(options: &SessionOptions) -> Result<SessionContext> {
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = options.memory_limit {
         // Fair shares between the spilling operators of a plan, so one sort cannot starve
-        // another into failing; spill files go to the OS temp folder.
-        runtime = runtime.with_memory_pool(Arc::new(
-            datafusion::execution::memory_pool::FairSpillPool::new(limit),
-        ));
+        // another into failing; spill files go to the OS temp folder. The pool keeps count of
+        // who holds what, so that a refusal names the five largest holders.
+        use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+        let top = std::num::NonZeroUsize::new(5).unwrap_or(std::num::NonZeroUsize::MIN);
+        runtime = runtime.with_memory_pool(Arc::new(TrackConsumersPool::new(
+            FairSpillPool::new(limit),
+            top,
+        )));
     }
     let runtime = runtime.build_arc()?;
     // Delta's planner: writes, MERGE and overwrite plan their own nodes with this session, so

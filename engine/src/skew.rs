@@ -516,7 +516,6 @@ mod tests {
                     "0".into(),
                 ),
             ],
-            ..SessionOptions::default()
         };
         let ctx = new_session(&options)
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;

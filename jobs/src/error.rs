@@ -17,6 +17,9 @@ pub mod exit_code {
     pub const CONFLICT: i32 = 4;
     /// Another run holds the lease on this work: it is being done; retry later.
     pub const BUSY: i32 = 5;
+    /// The run needed more memory than `--memory-limit` gives an operator that cannot spill:
+    /// the same run fails again under the same limit; retry with a larger one.
+    pub const MEMORY: i32 = 6;
 }
 
 /// One configuration problem, with where it is.
@@ -123,6 +126,16 @@ impl JobError {
             }))
             | JobError::Connector(ConnectorError::StateStoreSetup { .. }) => exit_code::CONFIG,
             JobError::Engine(EngineError::InvalidLocation { .. }) => exit_code::CONFIG,
+            JobError::Engine(e) | JobError::Connector(ConnectorError::Engine(e))
+                if e.is_memory_exhausted() =>
+            {
+                exit_code::MEMORY
+            }
+            JobError::DataFusion(e) | JobError::Quality(QualityError::DataFusion(e))
+                if medallion_engine::error::memory_exhausted(e) =>
+            {
+                exit_code::MEMORY
+            }
             _ => exit_code::FAILURE,
         }
     }

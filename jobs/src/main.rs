@@ -289,6 +289,14 @@ async fn dispatch(command: Command) -> i32 {
             let (run_summary, result) = run_pipeline(&pipeline, &options).await;
             if let Err(e) = &result {
                 eprintln!("error: {e}");
+                if let (exit_code::MEMORY, Some(limit)) = (run_summary.exit_code, memory_limit) {
+                    eprintln!(
+                        "hint: an operator that cannot spill needed more than --memory-limit \
+                         ({:.1} MiB) left it, and that table was not written: rerun with a \
+                         larger limit",
+                        limit as f64 / f64::from(1 << 20)
+                    );
+                }
             }
             if progress {
                 eprint!("{}", run_summary.to_table());

@@ -3,7 +3,8 @@
 use medallion_jobs::generate::{GenerateOptions, generate};
 use medallion_tests::{
     RunLayer, Scratch, commerce_dir, copy_tree, gold_snapshot, lake_session, land_batch,
-    land_first_lines, medallion_ok, replace_in_file, run_all_ok, run_commerce, scalar, versions,
+    land_first_lines, medallion, medallion_ok, replace_in_file, run_all_ok, run_commerce, scalar,
+    summary_of, versions,
 };
 
 fn generated(batches: u32) -> Scratch {
@@ -442,4 +443,56 @@ async fn a_run_under_a_memory_limit_gives_the_same_gold_on_first_and_later_loads
             n + 1
         );
     }
+}
+
+/// A limit too small for an operator that cannot spill stops the run with exit code 6 (the
+/// same run would fail again; a larger limit is the remedy), names the pool's largest
+/// holders, and commits nothing of the table it was building; a rerun with room builds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_too_small_for_a_join_or_sort_stops_with_exit_code_6_and_writes_nothing() {
+    let source = generated(1);
+    let lake = Scratch::new();
+    land_batch(&source.landing(), &lake.landing(), "batch-0001");
+    let commerce = commerce_dir();
+    let (landing, lake_var) = (
+        format!("landing={}", lake.landing().display()),
+        format!("lake={}", lake.lake().display()),
+    );
+    let mut args = vec![
+        "run",
+        commerce.to_str().unwrap(),
+        "--var",
+        &landing,
+        "--var",
+        &lake_var,
+    ];
+    let starved = medallion(&[args.as_slice(), &["--memory-limit", "1MiB"]].concat());
+    let stderr = String::from_utf8_lossy(&starved.stderr);
+    assert_eq!(starved.status.code(), Some(6), "stderr: {stderr}");
+    assert!(stderr.contains("top memory consumers"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("--memory-limit (1.0 MiB)"),
+        "stderr: {stderr}"
+    );
+    let summary = summary_of(&starved);
+    assert_eq!(summary["status"], "failed", "{summary}");
+    assert_eq!(summary["exit_code"], 6, "{summary}");
+    // The error names the table ("gold daily_sales: ..."): it has no commit.
+    let error = summary["error"].as_str().unwrap_or_default();
+    let mut words = error.split([' ', ':']);
+    let (layer, table) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    assert!(["bronze", "silver", "gold"].contains(&layer), "{error}");
+    let log = lake.lake().join(layer).join(table).join("_delta_log");
+    assert!(
+        !log.join(format!("{:020}.json", 0)).exists(),
+        "{layer}.{table} was committed: {error}"
+    );
+
+    args.extend(["--memory-limit", "256MiB"]);
+    let summary = medallion_ok(&args);
+    assert_eq!(summary["status"], "succeeded", "{summary}");
+    assert!(
+        log.join(format!("{:020}.json", 0)).exists(),
+        "{layer}.{table}"
+    );
 }
