@@ -26,7 +26,7 @@ pub const BATCH_ROWS: usize = 64 * 1024;
 /// pool fairly with a dozen others of its plan, and a hash join's table cannot spill. At SF 10
 /// under `--memory-limit 2GiB`, daily_engagement (an aggregation of 2.8 M groups per slice of
 /// 2 Mi rows) spilled and took 57.2 s, against 13.7 s in slices of 1 Mi rows and 13.4-14.2 s
-/// in slices of 2 Mi rows without a limit; at SF 1 under 128 MiB, broadcasting the 987 K
+/// in slices of 2 Mi rows without a limit; at SF 1 under 128 MiB, broadcasting the 988 K
 /// silver orders (under the 2 M-row default) to join the FX rates asked for 129 MB and
 /// failed, where shuffling both sides builds on the 19 K rates.
 pub const LIMIT_BYTES_PER_HELD_ROW: usize = 2 * 1024;

@@ -7,7 +7,8 @@
 //!   that would shuffle both sides on its keys (`Partitioned`) is turned into a broadcast
 //!   join (`CollectLeft`: the build side is collected once and shared, the probe side keeps
 //!   its own partitioning) when the Delta log's row count says the build side is at most
-//!   [`SkewOptions::broadcast_max_rows`]. Only an exact count decides: an estimate below a
+//!   [`SkewOptions::broadcast_max_rows`] (fewer under a memory limit:
+//!   [`SkewOptions::within_memory_limit`]). Only an exact count decides: an estimate below a
 //!   filter is DataFusion's guess of the filter's selectivity (a fifth of the rows), and
 //!   broadcasting on it hashed 4.9 M filtered orders of the reference pipeline (776 MB) to
 //!   join them with 19 K FX rates whose count was unknown. Without a shuffle on the join

@@ -41,8 +41,9 @@ enum Command {
         /// DataFusion target partitions; default: the number of cores.
         #[arg(long)]
         target_partitions: Option<usize>,
-        /// Memory budget of query execution (`2GiB`, `512MiB`): sorts, joins, aggregations and
-        /// silver's dedup by key spill to local disk beyond it instead of failing.
+        /// Memory budget of query execution (`2GiB`, `512MiB`): sorts, aggregations and
+        /// silver's dedup by key spill to local disk beyond it. A hash join's table cannot:
+        /// when one needs more than the limit leaves it, the run stops with exit code 6.
         #[arg(long, env = "MEDALLION_MEMORY_LIMIT", value_parser = parse_size)]
         memory_limit: Option<usize>,
         /// A hash join whose smaller side has at most this many rows broadcasts it instead of
