@@ -313,12 +313,10 @@ impl IngestMetadata {
         columns.push(Arc::new(
             TimestampMicrosecondArray::from_value(self.ingest_ts, n).with_timezone("UTC"),
         ));
-        columns.push(Arc::new(StringArray::from_iter_values(
-            std::iter::repeat_n(&self.source, n),
-        )));
-        columns.push(Arc::new(StringArray::from_iter_values(
-            std::iter::repeat_n(&self.run_id, n),
-        )));
+        // Built at their final size: collected from an iterator, their text grew by doubling
+        // (1.7% of bronze's CPU at SF 10 in those copies).
+        columns.push(Arc::new(StringArray::new_repeated(&self.source, n)));
+        columns.push(Arc::new(StringArray::new_repeated(&self.run_id, n)));
         columns.push(Arc::new(Date32Array::from_value(self.ingest_date, n)));
         RecordBatch::try_new(Arc::clone(schema), columns)
             .map_err(|e| JobError::from(datafusion::error::DataFusionError::from(e)))
