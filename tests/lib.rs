@@ -335,9 +335,22 @@ pub async fn scalar(ctx: &datafusion::prelude::SessionContext, sql: &str) -> i64
     }
 }
 
+/// `run <pipeline> --var landing=<landing> --var lake=<lake>`: the arguments of a run on
+/// local disk, for a test to extend with options.
+pub fn local_run_args(pipeline: &Path, landing: &Path, lake: &Path) -> Vec<String> {
+    vec![
+        "run".into(),
+        pipeline.display().to_string(),
+        "--var".into(),
+        format!("landing={}", landing.display()),
+        "--var".into(),
+        format!("lake={}", lake.display()),
+    ]
+}
+
 /// Runs the `medallion` binary; when this process is root, without the capabilities that
 /// let root read any file, so that a file without read permission is unreadable to it too.
-pub fn medallion(args: &[&str]) -> std::process::Output {
+pub fn medallion<S: AsRef<str>>(args: &[S]) -> std::process::Output {
     let bin = medallion_bin();
     let mut cmd = if is_root() {
         let mut c = std::process::Command::new("setpriv");
@@ -347,7 +360,7 @@ pub fn medallion(args: &[&str]) -> std::process::Output {
     } else {
         std::process::Command::new(&bin)
     };
-    cmd.args(args)
+    cmd.args(args.iter().map(AsRef::as_ref))
         .env("MEDALLION_LOG", "warn")
         .output()
         .expect("medallion runs")
@@ -361,20 +374,23 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// The last line of a command's stdout, parsed as the run summary JSON.
 /// Runs the `medallion` binary, which must exit 0, and returns its run summary.
-pub fn medallion_ok(args: &[&str]) -> serde_json::Value {
+pub fn medallion_ok<S: AsRef<str>>(args: &[S]) -> serde_json::Value {
     let out = medallion(args);
     assert_eq!(
         out.status.code(),
         Some(0),
         "medallion {}: {}",
-        args.join(" "),
+        args.iter()
+            .map(AsRef::as_ref)
+            .collect::<Vec<&str>>()
+            .join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
     summary_of(&out)
 }
 
+/// The last line of a command's stdout, parsed as the run summary JSON.
 pub fn summary_of(output: &std::process::Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let last = stdout.lines().last().unwrap_or_default();

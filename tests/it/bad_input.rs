@@ -4,25 +4,15 @@
 use std::os::unix::fs::PermissionsExt as _;
 
 use medallion_tests::{
-    Scratch, commerce_dir, copy_tree, count, fixture, gold_snapshot, medallion, medallion_ok,
-    summary_of, versions,
+    Scratch, commerce_dir, copy_tree, count, fixture, gold_snapshot, local_run_args, medallion,
+    medallion_ok, summary_of, versions,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_file_fails_the_run_and_changes_no_table() {
     let s = Scratch::new();
     copy_tree(&fixture("handmade"), s.dir.path());
-    let pipeline = commerce_dir();
-    let landing_var = format!("landing={}", s.landing().display());
-    let lake_var = format!("lake={}", s.lake().display());
-    let args = [
-        "run",
-        pipeline.to_str().unwrap(),
-        "--var",
-        &landing_var,
-        "--var",
-        &lake_var,
-    ];
+    let args = local_run_args(&commerce_dir(), &s.landing(), &s.lake());
 
     assert_eq!(medallion_ok(&args)["status"], "succeeded");
     let before = versions(&s.lake()).await;

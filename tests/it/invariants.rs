@@ -3,8 +3,8 @@
 use medallion_jobs::generate::{GenerateOptions, generate};
 use medallion_tests::{
     RunLayer, Scratch, commerce_dir, copy_tree, gold_snapshot, lake_session, land_batch,
-    land_first_lines, medallion, medallion_ok, replace_in_file, run_all_ok, run_commerce, scalar,
-    summary_of, versions,
+    land_first_lines, local_run_args, medallion, medallion_ok, replace_in_file, run_all_ok,
+    run_commerce, scalar, summary_of, versions,
 };
 
 fn generated(batches: u32) -> Scratch {
@@ -265,14 +265,7 @@ async fn a_model_whose_sql_changed_is_rebuilt_though_its_inputs_did_not() {
     copy_tree(&commerce_dir(), pipeline_dir.dir.path());
     let run = |lake: &Scratch| {
         let pipeline = pipeline_dir.dir.path().join("pipeline.toml");
-        medallion_ok(&[
-            "run",
-            pipeline.to_str().unwrap(),
-            "--var",
-            &format!("landing={}", source.landing().display()),
-            "--var",
-            &format!("lake={}", lake.lake().display()),
-        ])
+        medallion_ok(&local_run_args(&pipeline, &source.landing(), &lake.lake()))
     };
     let lake = Scratch::new();
     run(&lake);
@@ -348,16 +341,13 @@ async fn a_model_built_a_slice_of_partitions_at_a_time_equals_one_built_at_once(
         land_batch(&source.landing(), &lake.landing(), &format!("batch-{b:04}"));
     }
     let run = |slice_rows: &str| {
-        let summary = medallion_ok(&[
-            "run",
-            "commerce",
-            "--var",
-            &format!("landing={}", lake.landing().display()),
-            "--var",
-            &format!("lake={}", lake.lake().display()),
-            "--slice-rows",
-            slice_rows,
-        ]);
+        let mut args = local_run_args(
+            std::path::Path::new("commerce"),
+            &lake.landing(),
+            &lake.lake(),
+        );
+        args.extend(["--slice-rows", slice_rows].map(String::from));
+        let summary = medallion_ok(&args);
         summary["tables"]
             .as_array()
             .unwrap()
@@ -401,28 +391,19 @@ async fn a_model_built_a_slice_of_partitions_at_a_time_equals_one_built_at_once(
 async fn a_run_under_a_memory_limit_gives_the_same_gold_on_first_and_later_loads() {
     let source = generated(2);
     let run = |landing: &std::path::Path, lake: &std::path::Path, limit: Option<&str>| {
-        let (landing, lake) = (
-            format!("landing={}", landing.display()),
-            format!("lake={}", lake.display()),
-        );
-        let commerce = commerce_dir();
-        let mut args = vec![
-            "run",
-            commerce.to_str().unwrap(),
-            "--var",
-            &landing,
-            "--var",
-            &lake,
-        ];
+        let mut args = local_run_args(&commerce_dir(), landing, lake);
         if let Some(limit) = limit {
-            args.extend([
-                "--memory-limit",
-                limit,
-                "--layer",
-                "bronze",
-                "--layer",
-                "silver",
-            ]);
+            args.extend(
+                [
+                    "--memory-limit",
+                    limit,
+                    "--layer",
+                    "bronze",
+                    "--layer",
+                    "silver",
+                ]
+                .map(String::from),
+            );
         }
         medallion_ok(&args)
     };
@@ -453,20 +434,8 @@ async fn a_limit_too_small_for_a_join_or_sort_stops_with_exit_code_6_and_writes_
     let source = generated(1);
     let lake = Scratch::new();
     land_batch(&source.landing(), &lake.landing(), "batch-0001");
-    let commerce = commerce_dir();
-    let (landing, lake_var) = (
-        format!("landing={}", lake.landing().display()),
-        format!("lake={}", lake.lake().display()),
-    );
-    let mut args = vec![
-        "run",
-        commerce.to_str().unwrap(),
-        "--var",
-        &landing,
-        "--var",
-        &lake_var,
-    ];
-    let starved = medallion(&[args.as_slice(), &["--memory-limit", "1MiB"]].concat());
+    let mut args = local_run_args(&commerce_dir(), &lake.landing(), &lake.lake());
+    let starved = medallion(&[args.as_slice(), &["--memory-limit".into(), "1MiB".into()]].concat());
     let stderr = String::from_utf8_lossy(&starved.stderr);
     assert_eq!(starved.status.code(), Some(6), "stderr: {stderr}");
     assert!(stderr.contains("top memory consumers"), "stderr: {stderr}");
@@ -488,7 +457,7 @@ async fn a_limit_too_small_for_a_join_or_sort_stops_with_exit_code_6_and_writes_
         "{layer}.{table} was committed: {error}"
     );
 
-    args.extend(["--memory-limit", "256MiB"]);
+    args.extend(["--memory-limit", "256MiB"].map(String::from));
     let summary = medallion_ok(&args);
     assert_eq!(summary["status"], "succeeded", "{summary}");
     assert!(
