@@ -96,6 +96,9 @@ pub struct Deduplicated {
     pub rows: DataFrame,
     /// Whether some incoming row had a null in a key column (null keys are one key).
     pub has_null_key: bool,
+    /// Rows the reduction took in, when it has run (`None` for a first-arrival reduction,
+    /// which runs as its output is read): at least as many as it keeps.
+    pub rows_in: Option<u64>,
     /// Rows and bytes written to spill files because the memory pool was full.
     pub spilled_rows: u64,
     pub spilled_bytes: u64,
@@ -209,15 +212,21 @@ impl DedupBuilder {
             Arc::clone(&task_ctx.runtime_env().disk_manager),
             self.expected_rows,
         )));
+        let rows_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = JoinSet::new();
         for mut stream in execute_stream_partitioned(plan, Arc::clone(&task_ctx))? {
             let (intake, reduction) = (Arc::clone(&intake), Arc::clone(&reduction));
+            let rows_in = Arc::clone(&rows_in);
             tasks.spawn(async move {
                 while let Some(batch) = stream.next().await {
                     let batch = batch?;
                     if batch.num_rows() == 0 {
                         continue;
                     }
+                    rows_in.fetch_add(
+                        batch.num_rows() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     // Compacted (so that what is reserved is what is held) and hashed outside
                     // the lock, which the other partitions' batches wait on.
                     let batch = compact_views(batch)?;
@@ -234,10 +243,25 @@ impl DedupBuilder {
             .map_err(|_| DataFusionError::Internal("dedup rows still shared".into()))?
             .into_inner()
             .map_err(|_| DataFusionError::Internal("dedup rows poisoned".into()))?;
-        let (parts, reservation, stats) = match intake {
+        let (mut parts, reservation, mut stats) = match intake {
             Intake::Held(held) => held.finish(),
             Intake::Buckets(store) => store.finish()?,
         };
+        let rows_in = rows_in.load(std::sync::atomic::Ordering::Relaxed);
+        // An output read more than once (a MERGE's source) is held while the reader runs: its
+        // rows would take the pool from the reader's own operators, which need it most when
+        // the output is large. Under a limit that cannot hold the rows, they go to disk first.
+        if !self.read_once
+            && !crate::session::may_hold_rows(task_ctx.memory_pool().as_ref(), rows_in)
+        {
+            parts = write_winners(
+                parts,
+                &reduction,
+                &reservation,
+                &task_ctx.runtime_env().disk_manager,
+                &mut stats,
+            )?;
+        }
         let reservation = Arc::new(reservation);
         if stats.spilled_rows > 0 {
             tracing::info!(
@@ -261,6 +285,7 @@ impl DedupBuilder {
         Ok(Deduplicated {
             rows: ctx.read_table(Arc::new(table))?,
             has_null_key: stats.has_null_key,
+            rows_in: Some(rows_in),
             spilled_rows: stats.spilled_rows,
             spilled_bytes: stats.spilled_bytes,
             streaming: false,
@@ -301,6 +326,7 @@ fn first_arrivals(
         rows: ctx.read_table(Arc::new(table))?,
         // Not known before the rows are read; only a MERGE asks, and it reads twice.
         has_null_key: true,
+        rows_in: None,
         spilled_rows: 0,
         spilled_bytes: 0,
         streaming: true,
@@ -961,6 +987,8 @@ struct Chunk {
 enum Part {
     Chunk(Chunk),
     Bucket(Bucket),
+    /// Winners already found, in a spill file.
+    Written(Arc<dyn SpillFile>),
 }
 
 impl Part {
@@ -968,6 +996,7 @@ impl Part {
         match self {
             Part::Chunk(c) => c.bytes,
             Part::Bucket(b) => b.bytes,
+            Part::Written(_) => 0,
         }
     }
 
@@ -987,8 +1016,48 @@ impl Part {
                 Ok(vec![concat_batches(&reduction.schema, &kept)?])
             }
             Part::Bucket(bucket) => reduction.winners(&bucket.load()?),
+            Part::Written(file) => read_spill_file(file),
         }
     }
+}
+
+/// Writes the winners of every part to a spill file of its own and frees the memory the
+/// parts held, one part at a time.
+fn write_winners(
+    parts: Vec<Arc<Part>>,
+    reduction: &Reduction,
+    reservation: &MemoryReservation,
+    disk: &Arc<DiskManager>,
+    stats: &mut SpillStats,
+) -> Result<Vec<Arc<Part>>> {
+    let mut written = Vec::with_capacity(parts.len());
+    for part in parts {
+        let file = disk.create_tmp_file("medallion dedup winners")?;
+        let mut writer = StreamWriter::try_new(file.open_writer()?, &reduction.schema)?;
+        for batch in part.winners(reduction)? {
+            stats.spilled_rows += batch.num_rows() as u64;
+            writer.write(&batch)?;
+        }
+        writer.finish()?;
+        writer.into_inner()?.finish()?;
+        stats.spilled_bytes += file.size().unwrap_or(0);
+        let _ = reservation.try_shrink(part.bytes());
+        drop(part);
+        written.push(Arc::new(Part::Written(file)));
+    }
+    Ok(written)
+}
+
+/// Every batch of an Arrow IPC spill file.
+fn read_spill_file(file: &Arc<dyn SpillFile>) -> Result<Vec<RecordBatch>> {
+    let path = file
+        .path()
+        .ok_or_else(|| DataFusionError::Internal("a dedup spill file has no local path".into()))?;
+    let reader = StreamReader::try_new(
+        BufReader::new(File::open(path).map_err(DataFusionError::IoError)?),
+        None,
+    )?;
+    Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
 /// Statistics of a finished partitioning.
@@ -1143,17 +1212,10 @@ struct Bucket {
 
 impl Bucket {
     fn load(&self) -> Result<Vec<RecordBatch>> {
-        let mut batches = Vec::new();
-        if let Some(file) = &self.spilled {
-            let path = file.path().ok_or_else(|| {
-                DataFusionError::Internal("a dedup spill file has no local path".into())
-            })?;
-            let file = File::open(path).map_err(DataFusionError::IoError)?;
-            let reader = StreamReader::try_new(BufReader::new(file), None)?;
-            for batch in reader {
-                batches.push(batch?);
-            }
-        }
+        let mut batches = match &self.spilled {
+            Some(file) => read_spill_file(file)?,
+            None => Vec::new(),
+        };
         batches.extend(self.in_memory.iter().cloned());
         Ok(batches)
     }
@@ -1183,8 +1245,9 @@ impl PartitionStream for ReducedPartition {
         &self.reduction.schema
     }
 
-    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+    fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let schema = Arc::clone(&self.reduction.schema);
+        let batch_rows = ctx.session_config().batch_size().max(1);
         let taken = lock(&self.parts).and_then(|mut held| {
             if self.read_once {
                 held.take()
@@ -1213,13 +1276,40 @@ impl PartitionStream for ReducedPartition {
                 }
                 drop(part);
                 futures::stream::iter(match reduced {
-                    Ok(batches) => batches.into_iter().map(Ok).collect::<Vec<_>>(),
+                    Ok(batches) => batches
+                        .into_iter()
+                        .flat_map(|b| split_copied(b, batch_rows))
+                        .collect::<Vec<_>>(),
                     Err(e) => vec![Err(e)],
                 })
             })
             .flatten();
         Box::pin(RecordBatchStreamAdapter::new(schema, winners))
     }
+}
+
+/// `batch` as is when it has at most `rows` rows, else in copies of `rows` rows each. A session
+/// with smaller batches than the dedup's (a MERGE joined by sort-merge under a memory limit)
+/// gets them: a sort reserves twice the memory of a batch before it can spill it, and its
+/// share of the pool may be smaller than that for a batch of the default size. Slices would
+/// not do, as each would count the whole batch's buffers; nor would a `take` alone, whose
+/// text views still point into them.
+fn split_copied(
+    batch: RecordBatch,
+    rows: usize,
+) -> Vec<std::result::Result<RecordBatch, DataFusionError>> {
+    let n = batch.num_rows();
+    if n <= rows {
+        return vec![Ok(batch)];
+    }
+    (0..n)
+        .step_by(rows)
+        .map(|start| {
+            let end = (start + rows).min(n) as u32;
+            let indices = UInt32Array::from_iter_values(start as u32..end);
+            compact_views(take_record_batch(&batch, &indices)?)
+        })
+        .collect()
 }
 
 /// A stream that fails with `e` when read: a partition's `execute` cannot return an error.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
 use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::memory_pool::{MemoryLimit, MemoryPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::delta_datafusion::planner::DeltaPlanner;
@@ -30,6 +31,17 @@ pub const BATCH_ROWS: usize = 64 * 1024;
 /// silver orders (under the 2 M-row default) to join the FX rates asked for 129 MB and
 /// failed, where shuffling both sides builds on the 19 K rates.
 pub const LIMIT_BYTES_PER_HELD_ROW: usize = 2 * 1024;
+
+/// Whether an operator may hold `rows` rows whole in `pool`: always without a limit, and
+/// under one when they fit at [`LIMIT_BYTES_PER_HELD_ROW`] a row.
+pub fn may_hold_rows(pool: &dyn MemoryPool, rows: u64) -> bool {
+    match pool.memory_limit() {
+        MemoryLimit::Finite(limit) => {
+            rows.saturating_mul(LIMIT_BYTES_PER_HELD_ROW as u64) <= limit as u64
+        }
+        _ => true,
+    }
+}
 
 /// Settings of a session. Engine tuning passes through as DataFusion config keys rather than
 /// new knobs of our own.

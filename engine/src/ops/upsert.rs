@@ -4,7 +4,22 @@
 
 use std::sync::Arc;
 
+use datafusion::arrow::compute::SortOptions;
+use datafusion::common::Result as DfResult;
+use datafusion::common::config::ConfigNonZeroUsize;
+use datafusion::common::tree_node::{Transformed, TransformedResult as _, TreeNode as _};
+use datafusion::config::ConfigOptions;
+use datafusion::execution::SessionState;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::{Operator, binary_expr};
+use datafusion::physical_expr::expressions::Column as PhysicalColumn;
+use datafusion::physical_expr::{LexOrdering, PhysicalExpr, PhysicalSortExpr};
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::joins::{HashJoinExec, SortMergeJoinExec};
+use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties as _};
 use datafusion::prelude::{DataFrame, Expr, col};
 use deltalake::DeltaTable;
 use deltalake::protocol::SaveMode;
@@ -13,6 +28,7 @@ use url::Url;
 use super::overwrite::write_dataframe;
 use super::{AppTransaction, CommitMetrics, FileLayout};
 use crate::error::{EngineError, Result};
+use crate::session::may_hold_rows;
 use crate::table;
 
 /// Builds a MERGE of `source` (at most one row per key) into the table at a URL.
@@ -26,6 +42,7 @@ pub struct UpsertBuilder {
     stats_columns: Option<Vec<String>>,
     txn: Option<AppTransaction>,
     source_key_nulls: Option<bool>,
+    source_rows: Option<u64>,
     target: Option<DeltaTable>,
 }
 
@@ -40,6 +57,7 @@ impl UpsertBuilder {
             stats_columns: None,
             txn: None,
             source_key_nulls: None,
+            source_rows: None,
             target: None,
         }
     }
@@ -75,6 +93,14 @@ impl UpsertBuilder {
     /// source is read once more to find out.
     pub fn with_source_key_nulls(mut self, any_null: bool) -> Self {
         self.source_key_nulls = Some(any_null);
+        self
+    }
+
+    /// At most how many rows the source holds, when the caller knows. Under a memory limit,
+    /// a source the limit can hold as a hash join's table is joined that way; a larger one,
+    /// or one of unknown size, by sort-merge (see [`merge_session`]).
+    pub fn with_source_rows_at_most(mut self, rows: u64) -> Self {
+        self.source_rows = Some(rows);
         self
     }
 
@@ -139,7 +165,10 @@ impl UpsertBuilder {
                 reason: "an upsert needs at least one key column".into(),
             })?;
         let wins = source_wins(&self.winner_order);
-        let session = Arc::new(self.source.clone().into_parts().0);
+        let session = Arc::new(merge_session(
+            self.source.clone().into_parts().0,
+            self.source_rows,
+        ));
         let url = self.url.clone();
         let (table, metrics) = target
             .merge(self.source, on)
@@ -175,6 +204,134 @@ impl UpsertBuilder {
             bytes_added: 0,
             already_committed: false,
         })
+    }
+}
+
+/// Rows per batch of a MERGE joined by sort-merge: DataFusion's default.
+const MERGE_BATCH_ROWS: usize = 8 * 1024;
+
+/// The session a MERGE is planned in. delta-rs joins source and target with a full outer
+/// join, which DataFusion plans as a hash join whose table holds the whole source and cannot
+/// spill. Under a memory limit that cannot hold the source at
+/// [`LIMIT_BYTES_PER_HELD_ROW`](crate::session::LIMIT_BYTES_PER_HELD_ROW) a row (the share a
+/// broadcast side may take), the join is a sort-merge join instead ([`SortMergeJoins`]): both
+/// sides are sorted by key, and the sorts spill. A key is one row on each side, so the join
+/// itself holds about a batch of each.
+///
+/// That plan runs in one partition. DataFusion 55's hash repartition can deadlock once it
+/// spills under a memory limit (apache/datafusion#24883, fixed after 55; delta-rs#4614 is the
+/// same hang in a MERGE): at SF 0.5, the second batch's MERGE into silver orders stopped with
+/// every thread parked, under 128 MiB sort-merge joined in two partitions, and under 64 MiB
+/// with the source hash-repartitioned into one. And its batches are
+/// DataFusion's default 8 Ki rows: a sort reserves twice a batch before it can spill it, and
+/// batches of the run's 64 Ki rows (27 MB of orders) outgrew a sort's share under 128 MiB.
+fn merge_session(state: SessionState, source_rows: Option<u64>) -> SessionState {
+    let pool = Arc::clone(&state.runtime_env().memory_pool);
+    if may_hold_rows(pool.as_ref(), source_rows.unwrap_or(u64::MAX)) {
+        return state;
+    }
+    tracing::debug!(
+        source_rows,
+        "MERGE joins by sort-merge: the memory limit cannot hold the source as a hash table"
+    );
+    let mut rules = Vec::new();
+    for rule in state.physical_optimizers() {
+        rules.push(Arc::clone(rule));
+        if rule.name() == "EnsureRequirements" {
+            rules.push(Arc::new(SortMergeJoins) as _);
+        }
+    }
+    let mut state = SessionStateBuilder::new_from_existing(state)
+        .with_physical_optimizer_rules(rules)
+        .build();
+    let options = state.config_mut().options_mut();
+    options.execution.target_partitions = 1;
+    if options.execution.batch_size.get() > MERGE_BATCH_ROWS
+        && let Ok(rows) = ConfigNonZeroUsize::try_new(MERGE_BATCH_ROWS)
+    {
+        options.execution.batch_size = rows;
+    }
+    state
+}
+
+/// Plans every hash join as a sort-merge join on the same keys, each side sorted in one
+/// partition. DataFusion's planner picks a sort-merge join only with more than one target
+/// partition, and then hash-repartitions both sides. It runs after DataFusion's
+/// `EnsureRequirements`, which would otherwise put the hash repartition back (into one
+/// partition), so it adds the sorts itself.
+#[derive(Debug)]
+struct SortMergeJoins;
+
+impl SortMergeJoins {
+    fn rewrite(node: Arc<dyn ExecutionPlan>) -> DfResult<Transformed<Arc<dyn ExecutionPlan>>> {
+        let Some(join) = node.downcast_ref::<HashJoinExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        // A sort-merge join has no null-aware anti join (`NOT IN` over a nullable subquery).
+        if join.null_aware {
+            return Ok(Transformed::no(node));
+        }
+        let sorted = |side: &Arc<dyn ExecutionPlan>,
+                      keys: Vec<Arc<dyn PhysicalExpr>>|
+         -> DfResult<Arc<dyn ExecutionPlan>> {
+            let single: Arc<dyn ExecutionPlan> = if side.output_partitioning().partition_count() > 1
+            {
+                Arc::new(CoalescePartitionsExec::new(Arc::clone(side)))
+            } else {
+                Arc::clone(side)
+            };
+            let order = LexOrdering::new(keys.into_iter().map(PhysicalSortExpr::new_default))
+                .ok_or_else(|| {
+                    datafusion::error::DataFusionError::Internal("a join without keys".into())
+                })?;
+            Ok(Arc::new(SortExec::new(order, single)))
+        };
+        let (left_keys, right_keys) = join
+            .on()
+            .iter()
+            .map(|(l, r)| (Arc::clone(l), Arc::clone(r)))
+            .unzip();
+        let merged: Arc<dyn ExecutionPlan> = Arc::new(SortMergeJoinExec::try_new(
+            sorted(join.left(), left_keys)?,
+            sorted(join.right(), right_keys)?,
+            join.on().to_vec(),
+            join.filter().cloned(),
+            *join.join_type(),
+            vec![SortOptions::default(); join.on().len()],
+            join.null_equality(),
+        )?);
+        let Some(columns) = &join.projection else {
+            return Ok(Transformed::yes(merged));
+        };
+        let schema = merged.schema();
+        let kept: Vec<ProjectionExpr> = columns
+            .iter()
+            .map(|&i| {
+                let name = schema.field(i).name();
+                ProjectionExpr::new(Arc::new(PhysicalColumn::new(name, i)), name.clone())
+            })
+            .collect();
+        Ok(Transformed::yes(Arc::new(ProjectionExec::try_new(
+            kept, merged,
+        )?)))
+    }
+}
+
+impl PhysicalOptimizerRule for SortMergeJoins {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        plan.transform_up(Self::rewrite).data()
+    }
+
+    fn name(&self) -> &str {
+        "sort_merge_joins"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
     }
 }
 
@@ -293,5 +450,85 @@ mod tests {
             merged(&[], first(), second()).await,
             ["a=old", "b=old", "c=new"]
         );
+    }
+
+    /// `rows` keys `k0000000`.. with timestamp `ts` and a 100-byte value starting `tag`, in
+    /// batches of 8 Ki rows.
+    fn wide_rows(rows: usize, ts: i64, tag: &str) -> Vec<RecordBatch> {
+        let padded = format!("{tag:-<100}");
+        (0..rows)
+            .step_by(8192)
+            .map(|start| {
+                let keys: Vec<String> = (start..(start + 8192).min(rows))
+                    .map(|i| format!("k{i:07}"))
+                    .collect();
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                batch(
+                    &keys,
+                    &vec![ts; keys.len()],
+                    &vec![padded.as_str(); keys.len()],
+                )
+            })
+            .collect()
+    }
+
+    /// Under a memory limit that cannot hold the source as a hash join's table, the MERGE is
+    /// joined by sort-merge, whose sorts spill. The same MERGE told its source is small (so
+    /// joined by hash) must fail under the limit, or the test proves nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_whose_source_outgrows_the_memory_limit_sorts_instead_of_aborting() {
+        const ROWS: usize = 500_000;
+        let dir =
+            std::env::temp_dir().join(format!("medallion-upsert-limit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = url::Url::from_directory_path(&dir).unwrap();
+        let options = crate::session::SessionOptions {
+            target_partitions: Some(2),
+            memory_limit: Some(48 * 1024 * 1024),
+            ..Default::default()
+        };
+        let ctx = crate::session::new_session(&options).unwrap();
+        let load = |rows: Vec<RecordBatch>, claimed_rows: usize| {
+            UpsertBuilder::new(
+                url.clone(),
+                ctx.read_batches(rows).unwrap(),
+                vec!["k".into()],
+            )
+            .with_winner_order(vec!["ts".into()])
+            .with_source_rows_at_most(claimed_rows as u64)
+            .execute()
+        };
+        load(wide_rows(ROWS, 1, "old"), ROWS).await.unwrap();
+        let by_hash = load(wide_rows(ROWS, 2, "new"), 0).await;
+        let message = by_hash
+            .expect_err("a hash join of the whole source fits in 48 MiB")
+            .to_string();
+        assert!(message.contains("Resources exhausted"), "{message}");
+        load(wide_rows(ROWS, 2, "new"), ROWS).await.unwrap();
+
+        let table = crate::table::open_table(&url).await.unwrap().unwrap();
+        crate::table::register_table(&ctx, "silver", "t", &table)
+            .await
+            .unwrap();
+        let counts = ctx
+            .sql("SELECT count(*), count(DISTINCT k), count(*) FILTER (WHERE v LIKE 'new%') FROM silver.t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let row: Vec<i64> = (0..3)
+            .map(|c| {
+                counts[0]
+                    .column(c)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .value(0)
+            })
+            .collect();
+        assert_eq!(row, [ROWS as i64; 3], "rows, keys, rows replaced");
     }
 }

@@ -323,6 +323,7 @@ async fn upsert(
     seq: i64,
 ) -> Result<CommitMetrics, JobError> {
     let name = spec.table.get_ref();
+    let rows_in = deduped.rows_in;
     let mut upsert = UpsertBuilder::new(url.clone(), deduped.rows, spec.key.clone())
         .with_source_key_nulls(deduped.has_null_key)
         .with_winner_order(winner_order(spec))
@@ -333,6 +334,9 @@ async fn upsert(
     }
     if let Some(opened) = target {
         upsert = upsert.with_target(opened);
+    }
+    if let Some(rows) = rows_in {
+        upsert = upsert.with_source_rows_at_most(rows);
     }
     Ok(upsert.execute().await?)
 }
