@@ -1247,7 +1247,10 @@ impl PartitionStream for ReducedPartition {
 
     fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let schema = Arc::clone(&self.reduction.schema);
+        // Parts come out in batches of about the dedup's own size (a held part's winners are
+        // one batch); only a session that asks for smaller batches has them split.
         let batch_rows = ctx.session_config().batch_size().max(1);
+        let split_to = (batch_rows < OUTPUT_BATCH_ROWS).then_some(batch_rows);
         let taken = lock(&self.parts).and_then(|mut held| {
             if self.read_once {
                 held.take()
@@ -1278,7 +1281,10 @@ impl PartitionStream for ReducedPartition {
                 futures::stream::iter(match reduced {
                     Ok(batches) => batches
                         .into_iter()
-                        .flat_map(|b| split_copied(b, batch_rows))
+                        .flat_map(|b| match split_to {
+                            Some(rows) => split_copied(b, rows),
+                            None => vec![Ok(b)],
+                        })
                         .collect::<Vec<_>>(),
                     Err(e) => vec![Err(e)],
                 })
