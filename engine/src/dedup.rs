@@ -16,6 +16,9 @@
 //! output partition, not the batch. The winners are never materialised: the output is a table
 //! whose partitions filter or reduce as they are read, so a write consumes winners while the
 //! next are found. Reading the output again (a MERGE reads its source twice) does that again.
+//! Under a limit that cannot hold the rows, an output to be read more than once is written to
+//! disk as winners first, so that it does not hold the pool while its reader (a MERGE's sorts)
+//! needs it.
 //!
 //! Rows of one key that are copies of each other (re-delivered events) need no winner: with
 //! [`DedupBuilder::with_first_arrival`], an output read once keeps the first row of each key
@@ -99,7 +102,8 @@ pub struct Deduplicated {
     /// Rows the reduction took in, when it has run (`None` for a first-arrival reduction,
     /// which runs as its output is read): at least as many as it keeps.
     pub rows_in: Option<u64>,
-    /// Rows and bytes written to spill files because the memory pool was full.
+    /// Rows and bytes written to spill files under a memory limit: because the pool was full,
+    /// or because an output to be read more than once was too large to hold while read.
     pub spilled_rows: u64,
     pub spilled_bytes: u64,
     /// The source has not run yet: it runs as `rows` is read (a first-arrival reduction), so
