@@ -1,6 +1,8 @@
 //! Upsert by key: MERGE a deduplicated batch into a table, where a matched row is replaced
 //! only when the incoming row wins the table's keep rule. Because the rule compares stored
 //! columns, merging the same batch twice, or batches in any order, gives the same table.
+//! Under a memory limit that cannot hold the batch, the MERGE is joined by sort-merge, whose
+//! sorts spill, instead of by hash ([`merge_session`]).
 
 use std::sync::Arc;
 
