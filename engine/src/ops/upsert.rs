@@ -398,16 +398,31 @@ mod tests {
         .unwrap()
     }
 
-    /// Merges `first`, then `second`, into a new table; returns its `k=v` rows, sorted.
-    async fn merged(order: &[&str], first: RecordBatch, second: RecordBatch) -> Vec<String> {
-        let dir = std::env::temp_dir().join(format!(
-            "medallion-upsert-{}-{}",
-            std::process::id(),
-            order.join("-")
-        ));
+    /// A new, empty folder for a test's table, and its URL.
+    fn table_dir(name: &str) -> (std::path::PathBuf, url::Url) {
+        let dir = std::env::temp_dir().join(format!("medallion-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let url = url::Url::from_directory_path(&dir).unwrap();
+        (dir, url)
+    }
+
+    /// Runs `sql` over the table at `url`, registered as `silver.t`.
+    async fn query_table(
+        ctx: &datafusion::prelude::SessionContext,
+        url: &url::Url,
+        sql: &str,
+    ) -> Vec<RecordBatch> {
+        let table = crate::table::open_table(url).await.unwrap().unwrap();
+        crate::table::register_table(ctx, "silver", "t", &table)
+            .await
+            .unwrap();
+        ctx.sql(sql).await.unwrap().collect().await.unwrap()
+    }
+
+    /// Merges `first`, then `second`, into a new table; returns its `k=v` rows, sorted.
+    async fn merged(order: &[&str], first: RecordBatch, second: RecordBatch) -> Vec<String> {
+        let (dir, url) = table_dir(&format!("upsert-{}", order.join("-")));
         let ctx = crate::session::new_session(&Default::default()).unwrap();
         for rows in [first, second] {
             UpsertBuilder::new(url.clone(), ctx.read_batch(rows).unwrap(), vec!["k".into()])
@@ -416,17 +431,12 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let table = crate::table::open_table(&url).await.unwrap().unwrap();
-        crate::table::register_table(&ctx, "silver", "t", &table)
-            .await
-            .unwrap();
-        let out = ctx
-            .sql("SELECT k || '=' || v AS kv FROM silver.t ORDER BY kv")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let out = query_table(
+            &ctx,
+            &url,
+            "SELECT k || '=' || v AS kv FROM silver.t ORDER BY kv",
+        )
+        .await;
         let _ = std::fs::remove_dir_all(&dir);
         out.iter()
             .flat_map(|b| {
@@ -480,11 +490,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_merge_whose_source_outgrows_the_memory_limit_sorts_instead_of_aborting() {
         const ROWS: usize = 500_000;
-        let dir =
-            std::env::temp_dir().join(format!("medallion-upsert-limit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = url::Url::from_directory_path(&dir).unwrap();
+        let (dir, url) = table_dir("upsert-limit");
         let options = crate::session::SessionOptions {
             target_partitions: Some(2),
             memory_limit: Some(48 * 1024 * 1024),
@@ -509,17 +515,12 @@ mod tests {
         assert!(message.contains("Resources exhausted"), "{message}");
         load(wide_rows(ROWS, 2, "new"), ROWS).await.unwrap();
 
-        let table = crate::table::open_table(&url).await.unwrap().unwrap();
-        crate::table::register_table(&ctx, "silver", "t", &table)
-            .await
-            .unwrap();
-        let counts = ctx
-            .sql("SELECT count(*), count(DISTINCT k), count(*) FILTER (WHERE v LIKE 'new%') FROM silver.t")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let counts = query_table(
+            &ctx,
+            &url,
+            "SELECT count(*), count(DISTINCT k), count(*) FILTER (WHERE v LIKE 'new%') FROM silver.t",
+        )
+        .await;
         let _ = std::fs::remove_dir_all(&dir);
         let row: Vec<i64> = (0..3)
             .map(|c| {
