@@ -1,9 +1,11 @@
 -- One row per (event_date, country, segment, event_type). Events whose customer is missing
 -- from silver count under country = segment = 'UNKNOWN' (a left join, as in daily_sales).
 --
--- The events are grouped by (date, type, customer, session) before the join with customers,
--- whose country and segment are one per customer: the join meets one row per group instead
--- of one per event, and it is made once for the three measures.
+-- Each event meets the join with customers itself. Grouping by (date, type, customer,
+-- session) first turned SF 10's 29.7 M events into 21.4 M groups (a session is one
+-- customer's day), and that four-key aggregation cost more than the join rows it spared:
+-- gold alone, alternating, daily_engagement took a median 12.90 s against 15.15 s and
+-- 11.13 s against 11.68 s (`benches/results/layers-gold-sf10-no-per-session-{a,b}.json`).
 --
 -- Distinct customers and sessions are counted as Spark plans two DISTINCT aggregates
 -- (its Expand): each joined row goes out twice, once carrying its customer and once its
@@ -12,12 +14,7 @@
 -- for 512 values up front: at SF 1 a slice of 45 dates (48,600 sets) held 1.33 GB against
 -- 0.80-0.90 GB this way, and it cannot spill. Gold builds this model a slice of dates at a
 -- time (`rebuild_by` below), so every grouping holds one slice's values.
-WITH per_session AS (
-    SELECT event_date, event_type, customer_id, session_id, count(*) AS events
-    FROM silver.events
-    GROUP BY 1, 2, 3, 4
-),
-per_value AS (
+WITH per_value AS (
     SELECT
         e.event_date,
         coalesce(c.country, 'UNKNOWN') AS country,
@@ -25,8 +22,8 @@ per_value AS (
         e.event_type,
         k.is_customer,
         CASE WHEN k.is_customer THEN e.customer_id ELSE e.session_id END AS value,
-        sum(e.events) AS events
-    FROM per_session e
+        count(*) AS events
+    FROM silver.events e
     LEFT JOIN silver.customers c ON c.customer_id = e.customer_id
     CROSS JOIN (VALUES (true), (false)) AS k(is_customer)
     GROUP BY 1, 2, 3, 4, 5, 6
@@ -36,7 +33,7 @@ SELECT
     country,
     segment,
     event_type,
-    -- Every per-session row is counted once, in its customer's copy.
+    -- Every event is counted once, in its customer's copy.
     CAST(sum(events) FILTER (WHERE is_customer) AS BIGINT) AS events,
     -- count(value) skips a null customer or session, as count(DISTINCT) does: a session is
     -- counted once in its group, whichever customers it was seen with.
