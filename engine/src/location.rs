@@ -10,7 +10,7 @@ use url::Url;
 use crate::error::{EngineError, Result};
 
 /// Parses `s` as a URL (`s3://bucket/prefix`, `file:///abs`) or, without a scheme, as a
-/// local path made absolute against the current directory.
+/// local path made absolute against the current directory, its `.` and `..` folded away.
 pub fn parse_location(s: &str) -> Result<Url> {
     let invalid = |reason: String| EngineError::InvalidLocation {
         location: s.to_string(),
@@ -23,7 +23,8 @@ pub fn parse_location(s: &str) -> Result<Url> {
         Url::parse(s).map_err(|e| invalid(e.to_string()))?
     } else {
         let abs = std::path::absolute(s).map_err(|e| invalid(e.to_string()))?;
-        Url::from_directory_path(&abs).map_err(|()| invalid("not an absolute path".into()))?
+        Url::from_directory_path(without_dot_segments(&abs))
+            .map_err(|()| invalid("not an absolute path".into()))?
     };
     match url.scheme() {
         "file" | "s3" | "s3a" | "memory" => {}
@@ -34,6 +35,25 @@ pub fn parse_location(s: &str) -> Result<Url> {
         url.set_path(&path);
     }
     Ok(url)
+}
+
+/// `abs` with `.` and `..` resolved by name, as a shell's `cd` and Hadoop's `Path` resolve
+/// them: `std::path::absolute` keeps `..` on Unix, and object_store refuses a path with a
+/// `..` segment, so `--var landing=../landing` failed at the first file it listed. By name,
+/// not through the file system, because a lake folder may not exist yet.
+fn without_dot_segments(abs: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut folded = std::path::PathBuf::new();
+    for component in abs.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                folded.pop();
+            }
+            other => folded.push(other),
+        }
+    }
+    folded
 }
 
 /// `<root>/<segments...>/` as a directory URL.
@@ -227,6 +247,27 @@ fn unreachable_hint(url: &Url, error: &object_store::Error) -> (String, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_path_with_dot_segments_becomes_the_folder_it_names() {
+        let cwd = std::env::current_dir().unwrap();
+        let parent = cwd.parent().unwrap();
+        let url = parse_location("../landing/./orders/..").unwrap();
+        assert_eq!(
+            url,
+            Url::from_directory_path(parent.join("landing")).unwrap()
+        );
+        assert!(
+            !url.path().contains("/../") && !url.path().contains("/./"),
+            "{url}"
+        );
+        // object_store takes the folded path, where it refused `..`.
+        assert!(object_store::path::Path::parse(url.path()).is_ok(), "{url}");
+        assert_eq!(
+            parse_location("/a/b/../../..").unwrap(),
+            Url::parse("file:///").unwrap()
+        );
+    }
 
     fn hint_for(message: &str) -> String {
         let url = Url::parse("s3://bucket/lake/").unwrap();
