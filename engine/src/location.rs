@@ -144,11 +144,13 @@ pub fn object_store_with_options(
         .get(&scheme)
         .map(|f| Arc::clone(f.value()))
         .ok_or_else(|| invalid(format!("no object store for scheme '{}'", url.scheme())))?;
+    // The factory is delta-rs's, but the location may be a landing folder: its refusal is
+    // the location's, not a table's.
     let config = deltalake::logstore::StorageConfig::parse_options(options)
-        .map_err(|e| EngineError::delta(url, e))?;
+        .map_err(|e| invalid(e.to_string()))?;
     let (store, path) = factory
         .parse_url_opts(url, &config)
-        .map_err(|e| EngineError::delta(url, e))?;
+        .map_err(|e| invalid(e.to_string()))?;
     Ok((store, path))
 }
 
