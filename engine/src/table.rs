@@ -1,10 +1,11 @@
 //! Opening Delta tables and showing them to DataFusion under `<layer>.<table>`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::TableReference;
-use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext};
+use datafusion::prelude::{DataFrame, SessionContext};
 use deltalake::{DeltaTable, DeltaTableBuilder};
 use url::Url;
 
@@ -65,7 +66,8 @@ pub fn version(table: &DeltaTable) -> Option<u64> {
 }
 
 /// Each data file of the loaded version of `table`: its path, its value of partition column
-/// `column` (a null partition as `None`) and its rows from the log's statistics.
+/// `column` (a null partition as `None`) and its live rows, from the log's statistics less
+/// those its deletion vector removes.
 fn files_in_partitions(table: &DeltaTable, column: &str) -> Vec<(String, Option<String>, u64)> {
     table.snapshot().map_or_else(
         |_| Vec::new(),
@@ -74,8 +76,46 @@ fn files_in_partitions(table: &DeltaTable, column: &str) -> Vec<(String, Option<
                 .iter()
                 .map(|f| {
                     let value = f.partition_values_map().remove(column).flatten();
+                    let deleted = f
+                        .deletion_vector_descriptor()
+                        .map_or(0, |dv| u64::try_from(dv.cardinality).unwrap_or(0));
                     let rows = f.num_records().map_or(0, |n| n as u64);
-                    (f.path().into_owned(), value, rows)
+                    (f.path().into_owned(), value, rows.saturating_sub(deleted))
+                })
+                .collect()
+        },
+    )
+}
+
+/// Each data file of the loaded version of `table` by its entry in the log: its path and
+/// deletion vector (a file whose vector changed holds other rows), to its path, its value of
+/// partition column `column` and its live rows.
+fn file_entries(table: &DeltaTable, column: &str) -> HashMap<String, FileEntry> {
+    table.snapshot().map_or_else(
+        |_| HashMap::new(),
+        |s| {
+            s.log_data()
+                .iter()
+                .map(|f| {
+                    let dv = f.deletion_vector_descriptor();
+                    let deleted = dv
+                        .as_ref()
+                        .map_or(0, |dv| u64::try_from(dv.cardinality).unwrap_or(0));
+                    let entry = match &dv {
+                        Some(dv) => format!(
+                            "{}#{}@{:?}",
+                            f.path(),
+                            dv.path_or_inline_dv,
+                            dv.offset
+                        ),
+                        None => f.path().into_owned(),
+                    };
+                    let value = f.partition_values_map().remove(column).flatten();
+                    let rows = f.num_records().map_or(0, |n| n as u64);
+                    (
+                        entry,
+                        (f.path().into_owned(), value, rows.saturating_sub(deleted)),
+                    )
                 })
                 .collect()
         },
@@ -85,34 +125,29 @@ fn files_in_partitions(table: &DeltaTable, column: &str) -> Vec<(String, Option<
 /// A data file: its path, its value of a partition column and its rows.
 type FileEntry = (String, Option<String>, u64);
 
-/// The data files (path, value of partition column `column`, rows) that were removed and
-/// added between version `since` of `table` and its loaded version. `None` when version
-/// `since` can no longer be loaded (its log was cleaned up) or is not older than the loaded one.
+/// The data files (path, value of partition column `column`, live rows) that were removed
+/// and added between version `since` of `table` and its loaded version, with the table at
+/// version `since`. A file whose deletion vector changed is both. `None` when version
+/// `since` can no longer be loaded (its log was cleaned up) or is not older than the loaded
+/// one.
 async fn files_changed_since(
     table: &DeltaTable,
     since: u64,
     column: &str,
-) -> Option<[Vec<FileEntry>; 2]> {
+) -> Option<([Vec<FileEntry>; 2], DeltaTable)> {
     if table.version().is_none_or(|now| since >= now) {
         return None;
     }
     let mut before = table.clone();
     before.load_version(since).await.ok()?;
-    let by_path = |t: &DeltaTable| -> HashMap<String, (Option<String>, u64)> {
-        files_in_partitions(t, column)
-            .into_iter()
-            .map(|(path, value, rows)| (path, (value, rows)))
-            .collect()
-    };
-    let (old, new) = (by_path(&before), by_path(table));
-    let only_in = |a: &HashMap<String, (Option<String>, u64)>,
-                   b: &HashMap<String, (Option<String>, u64)>| {
+    let (old, new) = (file_entries(&before, column), file_entries(table, column));
+    let only_in = |a: &HashMap<String, FileEntry>, b: &HashMap<String, FileEntry>| {
         a.iter()
-            .filter(|(path, _)| !b.contains_key(*path))
-            .map(|(path, (value, rows))| (path.clone(), value.clone(), *rows))
+            .filter(|(entry, _)| !b.contains_key(*entry))
+            .map(|(_, file)| file.clone())
             .collect()
     };
-    Some([only_in(&old, &new), only_in(&new, &old)])
+    Some(([only_in(&old, &new), only_in(&new, &old)], before))
 }
 
 /// The values of partition column `column` (a null partition as `None`) of every data file
@@ -126,7 +161,7 @@ pub async fn partitions_changed_since(
 ) -> Result<Option<BTreeSet<Option<String>>>> {
     Ok(files_changed_since(table, since, column)
         .await
-        .map(|[removed, added]| {
+        .map(|([removed, added], _)| {
             removed
                 .into_iter()
                 .chain(added)
@@ -148,44 +183,31 @@ pub async fn values_changed_since(
     column: &str,
     max_rows: u64,
 ) -> Result<Option<(Vec<RecordBatch>, u64)>> {
-    let Some([removed, added]) = files_changed_since(table, since, "").await else {
+    let Some(([removed, added], before)) = files_changed_since(table, since, "").await else {
         return Ok(None);
     };
     let rows: u64 = removed.iter().chain(&added).map(|(_, _, rows)| rows).sum();
     if rows > max_rows {
         return Ok(None);
     }
-    // The files are read by URL, outside the table's own provider: the session needs the
-    // table's store under the URL's scheme and bucket.
-    let mut root = table.table_url().clone();
-    if !root.path().ends_with('/') {
-        root.set_path(&format!("{}/", root.path()));
-    }
-    let (store, _) = crate::location::object_store_for(&root)?;
-    let mut base = root.clone();
-    base.set_path("/");
-    ctx.register_object_store(&base, store);
-    let read = async |files: &[FileEntry]| -> Result<Option<DataFrame>> {
+    // Each side is read through its version's provider, which drops the rows that version's
+    // deletion vectors remove: a file whose vector changed is read once as it was and once
+    // as it is.
+    let read = async |at: &DeltaTable, files: &[FileEntry]| -> Result<Option<DataFrame>> {
         if files.is_empty() {
             return Ok(None);
         }
-        let urls = files
-            .iter()
-            .map(|(path, _, _)| {
-                root.join(path)
-                    .map(|u| u.to_string())
-                    .map_err(|e| EngineError::InvalidLocation {
-                        location: path.clone(),
-                        reason: e.to_string(),
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Some(
-            ctx.read_parquet(urls, ParquetReadOptions::default())
-                .await?,
-        ))
+        at.update_datafusion_session(&ctx.state())
+            .map_err(|e| EngineError::delta(at.table_url(), e))?;
+        let provider = at
+            .table_provider()
+            .with_file_paths(files.iter().map(|(path, _, _)| path.clone()))
+            .build()
+            .await?;
+        Ok(Some(ctx.read_table(Arc::new(provider))?))
     };
-    let differing = match (read(&removed).await?, read(&added).await?) {
+    let (removed, added) = (read(&before, &removed).await?, read(table, &added).await?);
+    let differing = match (removed, added) {
         (None, None) => return Ok(Some((Vec::new(), 0))),
         (Some(only), None) | (None, Some(only)) => only,
         (Some(old), Some(new)) => new.clone().except(old.clone())?.union(old.except(new)?)?,
@@ -228,15 +250,13 @@ pub fn rows_in_partitions(
         .sum()
 }
 
-/// Rows of the loaded version of `table`, from the Delta log's per-file statistics.
+/// Live rows of the loaded version of `table`, from the Delta log's per-file statistics less
+/// the rows deletion vectors remove.
 pub fn row_count(table: &DeltaTable) -> u64 {
-    table.snapshot().map_or(0, |s| {
-        s.log_data()
-            .iter()
-            .filter_map(|f| f.num_records())
-            .map(|n| n as u64)
-            .sum()
-    })
+    files_in_partitions(table, "")
+        .into_iter()
+        .map(|(_, _, rows)| rows)
+        .sum()
 }
 
 /// Bytes and count of the data files in the loaded version of `table`.

@@ -192,6 +192,18 @@ impl StagedAppend {
         Ok(())
     }
 
+    /// Closes the staged files without committing them: their adds and rows, for a commit
+    /// that carries other actions too.
+    pub(crate) async fn finish(mut self) -> Result<(Vec<deltalake::kernel::Add>, u64)> {
+        let mut adds = self
+            .writer
+            .flush()
+            .await
+            .map_err(|e| EngineError::delta(&self.builder.url, e))?;
+        adds.append(&mut self.absorbed);
+        Ok((adds, self.rows))
+    }
+
     /// Commits the staged files as one Delta version (creating the table when absent). With a
     /// transaction that the table already holds, nothing is committed.
     pub async fn commit(mut self, txn: Option<&AppTransaction>) -> Result<CommitMetrics> {
