@@ -158,6 +158,7 @@ impl BroadcastSmallBuildSide {
             let stats = StatisticsContext::new().compute(side.as_ref(), &StatisticsArgs::new())?;
             Ok(match stats.num_rows {
                 Precision::Exact(rows) => Some(rows),
+                Precision::Inexact(rows) if scans_a_delta_table_whole(side) => Some(rows),
                 Precision::Inexact(_) | Precision::Absent => None,
             })
         };
@@ -187,6 +188,27 @@ impl BroadcastSmallBuildSide {
             "broadcasting the small side of a hash join"
         );
         Ok(Transformed::yes(broadcast))
+    }
+}
+
+/// Whether `plan` passes on every row of a Delta table scan unfiltered. Such a scan counts its
+/// rows inexactly when deletion vectors remove some (delta-rs reports the rows its files
+/// hold, so that `count(*)` does not answer from them), but that count is still an upper
+/// bound, which is all a broadcast needs. An estimate of a filter's output is not one.
+fn scans_a_delta_table_whole(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    use datafusion::physical_plan::repartition::RepartitionExec;
+    let node = plan.as_ref();
+    if node.is::<deltalake::delta_datafusion::DeltaScanExec>() {
+        return true;
+    }
+    let passes_every_row = node.is::<ProjectionExec>()
+        || node.is::<RepartitionExec>()
+        || node.is::<CoalescePartitionsExec>();
+    match node.children().as_slice() {
+        [child] if passes_every_row => scans_a_delta_table_whole(child),
+        _ => false,
     }
 }
 
