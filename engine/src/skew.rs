@@ -594,6 +594,88 @@ mod tests {
         Ok(())
     }
 
+    /// A Delta table some of whose rows a deletion vector removes counts its rows inexactly
+    /// (the rows its files hold): still an upper bound, so it is broadcast as before.
+    #[tokio::test]
+    async fn a_delta_table_with_deleted_rows_is_still_broadcast() -> Result<()> {
+        let fail = |e: crate::error::EngineError| {
+            datafusion::error::DataFusionError::External(Box::new(e))
+        };
+        let dir = std::env::temp_dir().join(format!("medallion-skew-dv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let url = url::Url::from_directory_path(&dir)
+            .map_err(|()| datafusion::error::DataFusionError::Internal("no URL".into()))?;
+        let options = SessionOptions {
+            target_partitions: Some(4),
+            skew: SkewOptions {
+                broadcast_max_rows: 1000,
+                ..SkewOptions::default()
+            },
+            datafusion_settings: vec![
+                (
+                    "datafusion.optimizer.hash_join_single_partition_threshold".into(),
+                    "0".into(),
+                ),
+                (
+                    "datafusion.optimizer.hash_join_single_partition_threshold_rows".into(),
+                    "0".into(),
+                ),
+            ],
+            ..SessionOptions::default()
+        };
+        let ctx = new_session(&options).map_err(fail)?;
+        register(&ctx)?;
+        let dim = |keys: Vec<String>, ts: i64| -> Result<RecordBatch> {
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("k", DataType::Utf8, false),
+                Field::new("name", DataType::Utf8, false),
+                Field::new("ts", DataType::Int64, false),
+            ]));
+            let n = keys.len();
+            Ok(RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(StringArray::from(keys.clone())),
+                    Arc::new(StringArray::from(keys)),
+                    Arc::new(Int64Array::from(vec![ts; n])),
+                ],
+            )?)
+        };
+        let mut keys: Vec<String> = (0..99).map(|i| format!("k{i}")).collect();
+        keys.push("hot".into());
+        for (rows, ts) in [(keys, 1), (vec!["k1".to_string()], 2)] {
+            let n = rows.len() as u64;
+            crate::ops::UpsertBuilder::new(url.clone(), ctx.read_batch(dim(rows, ts)?)?, vec![
+                "k".into(),
+            ])
+            .with_winner_order(vec!["ts".into()])
+            .with_source_rows_at_most(n)
+            .execute()
+            .await
+            .map_err(fail)?;
+        }
+        let table = crate::table::open_table(&url)
+            .await
+            .map_err(fail)?
+            .ok_or_else(|| datafusion::error::DataFusionError::Internal("no table".into()))?;
+        crate::table::register_table(&ctx, "silver", "dim", &table)
+            .await
+            .map_err(fail)?;
+
+        let scan = ctx.sql("SELECT * FROM silver.dim").await?.create_physical_plan().await?;
+        let counted = StatisticsContext::new().compute(scan.as_ref(), &StatisticsArgs::new())?;
+        assert_eq!(counted.num_rows, Precision::Inexact(101), "the rows its files hold");
+        let sql = "SELECT f.k, d.name, f.v FROM facts f LEFT JOIN silver.dim d ON d.k = f.k";
+        let plan = ctx.sql(&format!("EXPLAIN {sql}")).await?.collect().await?;
+        let plan = datafusion::arrow::util::pretty::pretty_format_batches(&plan)?.to_string();
+        let rows = ctx.sql(sql).await?.count().await?;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(plan.contains("mode=CollectLeft"), "{plan}");
+        assert_eq!(rows, 4000);
+        Ok(())
+    }
+
     /// 4 partitions of 64 Ki rows, half of them on one key, the rest on 5,003 keys.
     async fn aggregated(
         combine_hot_groups: bool,
