@@ -646,9 +646,11 @@ mod tests {
         keys.push("hot".into());
         for (rows, ts) in [(keys, 1), (vec!["k1".to_string()], 2)] {
             let n = rows.len() as u64;
-            crate::ops::UpsertBuilder::new(url.clone(), ctx.read_batch(dim(rows, ts)?)?, vec![
-                "k".into(),
-            ])
+            crate::ops::UpsertBuilder::new(
+                url.clone(),
+                ctx.read_batch(dim(rows, ts)?)?,
+                vec!["k".into()],
+            )
             .with_winner_order(vec!["ts".into()])
             .with_source_rows_at_most(n)
             .execute()
@@ -663,9 +665,17 @@ mod tests {
             .await
             .map_err(fail)?;
 
-        let scan = ctx.sql("SELECT * FROM silver.dim").await?.create_physical_plan().await?;
+        let scan = ctx
+            .sql("SELECT * FROM silver.dim")
+            .await?
+            .create_physical_plan()
+            .await?;
         let counted = StatisticsContext::new().compute(scan.as_ref(), &StatisticsArgs::new())?;
-        assert_eq!(counted.num_rows, Precision::Inexact(101), "the rows its files hold");
+        assert_eq!(
+            counted.num_rows,
+            Precision::Inexact(101),
+            "the rows its files hold"
+        );
         let sql = "SELECT f.k, d.name, f.v FROM facts f LEFT JOIN silver.dim d ON d.k = f.k";
         let plan = ctx.sql(&format!("EXPLAIN {sql}")).await?.collect().await?;
         let plan = datafusion::arrow::util::pretty::pretty_format_batches(&plan)?.to_string();

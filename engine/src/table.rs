@@ -102,12 +102,9 @@ fn file_entries(table: &DeltaTable, column: &str) -> HashMap<String, FileEntry> 
                         .as_ref()
                         .map_or(0, |dv| u64::try_from(dv.cardinality).unwrap_or(0));
                     let entry = match &dv {
-                        Some(dv) => format!(
-                            "{}#{}@{:?}",
-                            f.path(),
-                            dv.path_or_inline_dv,
-                            dv.offset
-                        ),
+                        Some(dv) => {
+                            format!("{}#{}@{:?}", f.path(), dv.path_or_inline_dv, dv.offset)
+                        }
                         None => f.path().into_owned(),
                     };
                     let value = f.partition_values_map().remove(column).flatten();

@@ -164,7 +164,7 @@ impl UpsertBuilder {
                 &self.partition_columns,
             )
         {
-            return deletion_vectors::MarkingUpsert {
+            let metrics = deletion_vectors::MarkingUpsert {
                 url: &self.url,
                 keys: &self.keys,
                 winner_order: &self.winner_order,
@@ -173,7 +173,10 @@ impl UpsertBuilder {
                 txn: self.txn.as_ref(),
             }
             .execute(target, self.source)
-            .await;
+            .await?;
+            deletion_vectors::compact_when_scattered(&self.url, self.stats_columns.as_deref())
+                .await?;
+            return Ok(metrics);
         }
         let columns: Vec<String> = self
             .source
@@ -531,7 +534,9 @@ mod tests {
         };
         let keys: Vec<String> = (0..1000).map(|i| format!("k{i:04}")).collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        upsert(batch(&keys, &[1; 1000], &["v1"; 1000])).await.unwrap();
+        upsert(batch(&keys, &[1; 1000], &["v1"; 1000]))
+            .await
+            .unwrap();
         let files = |t: &deltalake::DeltaTable| -> Vec<String> {
             t.snapshot()
                 .unwrap()
@@ -548,19 +553,26 @@ mod tests {
         assert_eq!((second.rows_updated, second.rows_inserted), (1, 1));
         let third = batch(&["k0003", "k0001", "new2"], &[2, 3, 1], &["v3"; 3]);
         let third_metrics = upsert(third.clone()).await.unwrap();
-        assert_eq!((third_metrics.rows_updated, third_metrics.rows_inserted), (2, 1));
+        assert_eq!(
+            (third_metrics.rows_updated, third_metrics.rows_inserted),
+            (2, 1)
+        );
         let again = upsert(third).await.unwrap();
         assert_eq!((again.rows_updated, again.rows_inserted), (0, 0));
 
         let table = crate::table::open_table(&url).await.unwrap().unwrap();
         let now = files(&table);
-        assert!(first_files.iter().all(|f| now.contains(f)), "{first_files:?} in {now:?}");
+        assert!(
+            first_files.iter().all(|f| now.contains(f)),
+            "{first_files:?} in {now:?}"
+        );
         assert_eq!(crate::table::row_count(&table), 1002);
         let since_first = table.version().unwrap() - 3;
-        let (changed, _) = crate::table::values_changed_since(&ctx, &table, since_first, "k", u64::MAX)
-            .await
-            .unwrap()
-            .unwrap();
+        let (changed, _) =
+            crate::table::values_changed_since(&ctx, &table, since_first, "k", u64::MAX)
+                .await
+                .unwrap()
+                .unwrap();
         let mut changed: Vec<String> = changed
             .iter()
             .flat_map(|b| {
@@ -581,12 +593,108 @@ mod tests {
         )
         .await;
         let _ = std::fs::remove_dir_all(&dir);
-        let n = out[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0);
-        let distinct = out[0].column(1).as_any().downcast_ref::<Int64Array>().unwrap().value(0);
+        let n = out[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0);
+        let distinct = out[0]
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0);
         let changed = datafusion::arrow::compute::cast(out[0].column(2), &DataType::Utf8).unwrap();
-        let changed = changed.as_any().downcast_ref::<StringArray>().unwrap().value(0).to_string();
+        let changed = changed
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .value(0)
+            .to_string();
         assert_eq!((n, distinct), (1002, 1002));
         assert_eq!(changed, "k0001=v3,k0003=v3,new1=v2,new2=v3");
+    }
+
+    /// Every upsert that marks adds a file to each partition it touches; once the partitions
+    /// hold more than 8 files on average, the table is compacted, and no row changes.
+    #[tokio::test]
+    async fn files_that_marking_upserts_add_are_compacted_once_partitions_gather_many() {
+        let (dir, url) = table_dir("upsert-compaction");
+        let ctx = crate::session::new_session(&Default::default()).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("ts", DataType::Int64, false),
+            Field::new("p", DataType::Utf8, false),
+        ]));
+        let rows = |keys: Vec<String>, ts: i64| {
+            let n = keys.len();
+            let parts: Vec<&str> = keys
+                .iter()
+                .map(|k| if k.ends_with('0') { "a" } else { "b" })
+                .collect();
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(StringArray::from(keys.clone())),
+                    Arc::new(Int64Array::from(vec![ts; n])),
+                    Arc::new(StringArray::from(parts)),
+                ],
+            )
+            .unwrap()
+        };
+        let files = async || {
+            let table = crate::table::open_table(&url).await.unwrap().unwrap();
+            crate::table::data_files(&table).1
+        };
+        // Keys 0-99 in two partitions, then per batch: keys 0 and 1 again (each beating the
+        // stored row) and two new keys, one per partition.
+        let mut batches = vec![rows((0..100).map(|i| format!("k{i:03}")).collect(), 0)];
+        for b in 1..=8 {
+            let keys = vec![
+                "k000".into(),
+                "k001".into(),
+                format!("n{b}0"),
+                format!("n{b}1"),
+            ];
+            batches.push(rows(keys, b));
+        }
+        let mut counted = Vec::new();
+        for batch in batches {
+            let n = batch.num_rows() as u64;
+            UpsertBuilder::new(
+                url.clone(),
+                ctx.read_batch(batch).unwrap(),
+                vec!["k".into()],
+            )
+            .with_winner_order(vec!["ts".into()])
+            .with_partition_columns(vec!["p".into()])
+            .with_source_rows_at_most(n)
+            .execute()
+            .await
+            .unwrap();
+            counted.push(files().await);
+        }
+        // 2 files, then 2 more per batch; the eighth batch's 18 files exceed 8 per partition.
+        assert_eq!(counted, [2, 4, 6, 8, 10, 12, 14, 16, 2]);
+        let out = query_table(
+            &ctx,
+            &url,
+            "SELECT count(*), count(DISTINCT k), sum(ts) FROM silver.t",
+        )
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let value = |c: usize| {
+            out[0]
+                .column(c)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        // 100 + 16 new keys; k000 and k001 carry the last batch's ts 8, new keys their own.
+        assert_eq!((value(0), value(1)), (116, 116));
+        assert_eq!(value(2), 2 * 8 + 2 * (1..=8).sum::<i64>());
     }
 
     /// `rows` keys `k0000000`.. with timestamp `ts` and a 100-byte value starting `tag`, in

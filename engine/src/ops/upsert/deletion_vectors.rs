@@ -33,12 +33,18 @@ use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Remove, StorageType};
 use deltalake::protocol::DeltaOperation;
 use futures::{StreamExt as _, TryStreamExt as _};
-use object_store::{ObjectStore, ObjectStoreExt as _};
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt as _};
 use url::Url;
 
 use super::super::{AppTransaction, AppendBuilder, CommitMetrics};
 use crate::error::{EngineError, Result};
+
+/// Data files a partition may gather, on average, before an upsert compacts the table.
+/// Marking adds a file to every partition a batch touches, where a MERGE rewrote the file
+/// there: a batch of re-sent orders spread over 90 dates adds 90 small files. Compaction
+/// rewrites them (and the rows their deletion vectors remove) once every few batches.
+const FILES_PER_PARTITION_BEFORE_COMPACTION: usize = 8;
 
 /// Data files read at once while looking for matches.
 const FILES_READ_AT_ONCE: usize = 8;
@@ -128,16 +134,8 @@ impl MarkingUpsert<'_> {
                 let order = order_converter.as_ref().zip(source_order.as_ref());
                 let source = &source;
                 async move {
-                    self.matches_in(
-                        store,
-                        candidate,
-                        file,
-                        source,
-                        by_key,
-                        key_converter,
-                        order,
-                    )
-                    .await
+                    self.matches_in(store, candidate, file, source, by_key, key_converter, order)
+                        .await
                 }
             })
             .buffer_unordered(FILES_READ_AT_ONCE)
@@ -191,7 +189,10 @@ impl MarkingUpsert<'_> {
             });
         }
         let files_added = adds.len() as u64;
-        let bytes_added = adds.iter().map(|a| u64::try_from(a.size).unwrap_or(0)).sum();
+        let bytes_added = adds
+            .iter()
+            .map(|a| u64::try_from(a.size).unwrap_or(0))
+            .sum();
         actions.extend(adds.into_iter().map(Action::Add));
         let operation = DeltaOperation::Merge {
             predicate: None,
@@ -218,7 +219,9 @@ impl MarkingUpsert<'_> {
 
     /// The incoming rows as one batch, each column cast to the table's type of it.
     fn source_batch(&self, table: &DeltaTable, batches: Vec<RecordBatch>) -> Result<RecordBatch> {
-        let state = table.snapshot().map_err(|e| EngineError::delta(self.url, e))?;
+        let state = table
+            .snapshot()
+            .map_err(|e| EngineError::delta(self.url, e))?;
         let stored = state.snapshot().input_schema();
         let Some(first) = batches.first() else {
             return Err(EngineError::InvalidWrite {
@@ -260,7 +263,9 @@ impl MarkingUpsert<'_> {
         source: &RecordBatch,
         session: &datafusion::execution::SessionState,
     ) -> Result<Vec<Candidate>> {
-        let state = table.snapshot().map_err(|e| EngineError::delta(self.url, e))?;
+        let state = table
+            .snapshot()
+            .map_err(|e| EngineError::delta(self.url, e))?;
         let range = key_range(source, self.keys);
         let mut candidates = Vec::new();
         let mut with_deletions = Vec::new();
@@ -334,8 +339,8 @@ impl MarkingUpsert<'_> {
         order: Option<(&RowConverter, &Rows)>,
     ) -> Result<Vec<Match>> {
         #[allow(deprecated)]
-        let reader = ParquetObjectReader::new(store, candidate.path.clone())
-            .with_file_size(candidate.size);
+        let reader =
+            ParquetObjectReader::new(store, candidate.path.clone()).with_file_size(candidate.size);
         let builder = ParquetRecordBatchStreamBuilder::new(reader)
             .await
             .map_err(DataFusionError::from)?;
@@ -421,7 +426,11 @@ fn columns(batch: &RecordBatch, names: &[String]) -> Result<Vec<ArrayRef>> {
 
 /// Columns `names` of a stored batch, cast to their types in the incoming batch (a file
 /// read as written may spell a type differently, a dictionary or a view).
-fn cast_like(stored: &RecordBatch, incoming: &RecordBatch, names: &[String]) -> Result<Vec<ArrayRef>> {
+fn cast_like(
+    stored: &RecordBatch,
+    incoming: &RecordBatch,
+    names: &[String],
+) -> Result<Vec<ArrayRef>> {
     names
         .iter()
         .map(|n| {
@@ -436,7 +445,11 @@ fn cast_like(stored: &RecordBatch, incoming: &RecordBatch, names: &[String]) -> 
 fn key_range(source: &RecordBatch, keys: &[String]) -> Option<(String, String)> {
     let [key] = keys else { return None };
     let column = source.column(source.schema().index_of(key).ok()?);
-    let text = cast(column.as_ref(), &datafusion::arrow::datatypes::DataType::Utf8).ok()?;
+    let text = cast(
+        column.as_ref(),
+        &datafusion::arrow::datatypes::DataType::Utf8,
+    )
+    .ok()?;
     let text = text
         .as_any()
         .downcast_ref::<datafusion::arrow::array::StringArray>()?;
@@ -453,11 +466,63 @@ fn outside(stats: &str, key: &str, low: &str, high: &str) -> bool {
     let Ok(stats) = serde_json::from_str::<serde_json::Value>(stats) else {
         return false;
     };
-    let bound = |side: &str| stats.get(side).and_then(|v| v.get(key)).and_then(|v| v.as_str());
+    let bound = |side: &str| {
+        stats
+            .get(side)
+            .and_then(|v| v.get(key))
+            .and_then(|v| v.as_str())
+    };
     match (bound("minValues"), bound("maxValues")) {
         (Some(min), Some(max)) => min > high || max < low,
         _ => false,
     }
+}
+
+/// Compacts the table (delta-rs's OPTIMIZE, bin-packing each partition's small files into
+/// files of the target size) once its partitions hold more than
+/// [`FILES_PER_PARTITION_BEFORE_COMPACTION`] files on average. A commit of its own that
+/// changes no row: a crash before it leaves the upsert committed and the files to compact
+/// next time.
+pub(super) async fn compact_when_scattered(
+    url: &Url,
+    stats_columns: Option<&[String]>,
+) -> Result<()> {
+    let Some(table) = crate::table::open_table(url).await? else {
+        return Ok(());
+    };
+    let (files, partitions) = {
+        let state = table.snapshot().map_err(|e| EngineError::delta(url, e))?;
+        let mut partitions = std::collections::HashSet::new();
+        let mut files = 0usize;
+        for file in state.log_data().iter() {
+            files += 1;
+            let mut values: Vec<_> = file.partition_values_map().into_iter().collect();
+            values.sort();
+            partitions.insert(values);
+        }
+        (files, partitions.len().max(1))
+    };
+    if files <= FILES_PER_PARTITION_BEFORE_COMPACTION * partitions {
+        return Ok(());
+    }
+    let (_, metrics) = table
+        .optimize()
+        .with_target_size(super::super::DEFAULT_TARGET_FILE_SIZE)
+        .with_writer_properties(super::super::writer_properties(
+            stats_columns,
+            super::super::DataPageVersion::V1,
+        ))
+        .await
+        .map_err(|e| EngineError::delta(url, e))?;
+    tracing::info!(
+        table = %url,
+        files_before = files,
+        partitions,
+        files_removed = metrics.num_files_removed,
+        files_added = metrics.num_files_added,
+        "compacted the files upserts added"
+    );
+    Ok(())
 }
 
 /// Raises the table's protocol to deletion vectors, once.
