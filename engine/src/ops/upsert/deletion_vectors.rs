@@ -91,6 +91,16 @@ struct Candidate {
     deleted: Vec<u64>,
 }
 
+/// What a stored file's rows are looked up in: the incoming rows, by key, and their keep-rule
+/// columns in row form (none without a rule).
+#[derive(Clone, Copy)]
+struct Probe<'a> {
+    source: &'a RecordBatch,
+    by_key: &'a HashMap<&'a [u8], u32>,
+    key_converter: &'a RowConverter,
+    order: Option<(&'a RowConverter, &'a Rows)>,
+}
+
 /// A stored row with the key of an incoming row.
 struct Match {
     source_row: u32,
@@ -127,16 +137,16 @@ impl MarkingUpsert<'_> {
 
         let candidates = self.candidates(&table, &source, &session).await?;
         let store = table.log_store().object_store(None);
+        let probe = Probe {
+            source: &source,
+            by_key: &by_key,
+            key_converter: &key_converter,
+            order: order_converter.as_ref().zip(source_order.as_ref()),
+        };
         let found: Vec<Vec<Match>> = futures::stream::iter(candidates.iter().enumerate())
             .map(|(file, candidate)| {
                 let store = Arc::clone(&store);
-                let (by_key, key_converter) = (&by_key, &key_converter);
-                let order = order_converter.as_ref().zip(source_order.as_ref());
-                let source = &source;
-                async move {
-                    self.matches_in(store, candidate, file, source, by_key, key_converter, order)
-                        .await
-                }
+                async move { self.matches_in(store, candidate, file, probe).await }
             })
             .buffer_unordered(FILES_READ_AT_ONCE)
             .try_collect()
@@ -206,7 +216,7 @@ impl MarkingUpsert<'_> {
             .with_actions(actions)
             .build(Some(snapshot), table.log_store(), operation)
             .await
-            .map_err(|e| delta(e.into()))?;
+            .map_err(delta)?;
         Ok(CommitMetrics {
             version: Some(committed.version()),
             rows_inserted: rows_written - rows_updated,
@@ -333,11 +343,14 @@ impl MarkingUpsert<'_> {
         store: Arc<dyn ObjectStore>,
         candidate: &Candidate,
         file: usize,
-        source: &RecordBatch,
-        by_key: &HashMap<&[u8], u32>,
-        key_converter: &RowConverter,
-        order: Option<(&RowConverter, &Rows)>,
+        probe: Probe<'_>,
     ) -> Result<Vec<Match>> {
+        let Probe {
+            source,
+            by_key,
+            key_converter,
+            order,
+        } = probe;
         #[allow(deprecated)]
         let reader =
             ParquetObjectReader::new(store, candidate.path.clone()).with_file_size(candidate.size);
