@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The run over one new batch, two builds side by side on copies of one lake.
+#
+#   benches/incremental_ab.sh BINARY_A BINARY_B [ROUNDS]
+#
+# Uses the SF 10, 100-batch landing of `benches/incremental.py --scale 10` (run it once to
+# generate it). Lands batches 1-99 and runs BINARY_A over them (the lake both builds start
+# from), lands batch 100, then for each round copies that lake and runs each binary over
+# batch 100 on its own copy, alternating which goes first. Prints wall, CPU and peak RSS of
+# each run and its tables' times (layer.table=ms). Needs twice the lake's 3.5 GB free.
+set -eu
+a=$1; b=$2; rounds=${3:-2}
+batches=$HOME/.cache/medallion/bench/incremental-sf10/batches
+work=$HOME/.cache/medallion/bench/incremental-ab
+[ -d "$batches" ] || { echo "no landing at $batches: run benches/incremental.py --scale 10 first" >&2; exit 2; }
+rm -rf "$work"; mkdir -p "$work/landing"
+land() { # FIRST LAST (0-based batch indices, inclusive)
+    for e in "$batches"/*/; do
+        mkdir -p "$work/landing/$(basename "$e")"
+        ls "$e" | sort | sed -n "$(($1 + 1)),$(($2 + 1))p" | while read -r batch; do
+            ln -s "$e$batch" "$work/landing/$(basename "$e")/$batch"
+        done
+    done
+}
+summarise() { # SUMMARY_JSON
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('  ' + ' '.join(f\"{t['layer'][0]}.{t['table']}={t['duration_ms']}\" for t in d['tables'] if not t['table'].endswith('_quarantine')))" "$1"
+}
+land 0 98
+/usr/bin/time -f "batches 1-99 (A): wall %e s" "$a" run commerce --var landing="$work/landing" --var lake="$work/base" >"$work/base.log" 2>&1
+tail -1 "$work/base.log"
+land 99 99
+for round in $(seq "$rounds"); do
+    if [ $((round % 2)) = 1 ]; then order="A B"; else order="B A"; fi
+    for which in $order; do
+        if [ "$which" = A ]; then bin=$a; else bin=$b; fi
+        rm -rf "$work/lake"; cp -a "$work/base" "$work/lake"; sync
+        /usr/bin/time -f "$which round $round, batch 100: wall %e s, cpu %U+%S s, peak %M KB" "$bin" run commerce \
+            --var landing="$work/landing" --var lake="$work/lake" --summary "$work/$which-$round.json" >"$work/$which-$round.log" 2>&1
+        tail -1 "$work/$which-$round.log"
+        summarise "$work/$which-$round.json"
+    done
+done
+rm -rf "$work/lake"
