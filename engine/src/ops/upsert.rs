@@ -559,6 +559,8 @@ mod tests {
         );
         let again = upsert(third).await.unwrap();
         assert_eq!((again.rows_updated, again.rows_inserted), (0, 0));
+        let nothing = upsert(batch(&[], &[], &[])).await.unwrap();
+        assert_eq!((nothing.rows_updated, nothing.rows_inserted), (0, 0));
 
         let table = crate::table::open_table(&url).await.unwrap().unwrap();
         let now = files(&table);

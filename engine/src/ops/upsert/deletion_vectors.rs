@@ -118,8 +118,9 @@ impl MarkingUpsert<'_> {
         let url = self.url;
         let delta = |e| EngineError::delta(url, e);
         let session = source.clone().into_parts().0;
+        let declared: SchemaRef = Arc::new(source.schema().as_arrow().clone());
         let batches = source.collect().await?;
-        let source = self.source_batch(&table, batches)?;
+        let source = self.source_batch(&table, declared, batches)?;
         let key_converter = converter(&source, self.keys)?;
         let source_keys = key_converter.convert_columns(&columns(&source, self.keys)?)?;
         // No keep rule (`keep = "any"`: the copies of a key are alike): the stored row stays.
@@ -227,19 +228,19 @@ impl MarkingUpsert<'_> {
         })
     }
 
-    /// The incoming rows as one batch, each column cast to the table's type of it.
-    fn source_batch(&self, table: &DeltaTable, batches: Vec<RecordBatch>) -> Result<RecordBatch> {
+    /// The incoming rows as one batch (none: an empty one of the declared schema), each
+    /// column cast to the table's type of it.
+    fn source_batch(
+        &self,
+        table: &DeltaTable,
+        declared: SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<RecordBatch> {
         let state = table
             .snapshot()
             .map_err(|e| EngineError::delta(self.url, e))?;
         let stored = state.snapshot().input_schema();
-        let Some(first) = batches.first() else {
-            return Err(EngineError::InvalidWrite {
-                table: self.url.to_string(),
-                reason: "an upsert of no batches".into(),
-            });
-        };
-        let incoming = first.schema();
+        let incoming = batches.first().map_or(declared, RecordBatch::schema);
         let mut fields = Vec::with_capacity(incoming.fields().len());
         for field in incoming.fields() {
             let Ok(target) = stored.field_with_name(field.name()) else {
