@@ -68,23 +68,8 @@ pub fn version(table: &DeltaTable) -> Option<u64> {
 /// Each data file of the loaded version of `table`: its path, its value of partition column
 /// `column` (a null partition as `None`) and its live rows, from the log's statistics less
 /// those its deletion vector removes.
-fn files_in_partitions(table: &DeltaTable, column: &str) -> Vec<(String, Option<String>, u64)> {
-    table.snapshot().map_or_else(
-        |_| Vec::new(),
-        |s| {
-            s.log_data()
-                .iter()
-                .map(|f| {
-                    let value = f.partition_values_map().remove(column).flatten();
-                    let deleted = f
-                        .deletion_vector_descriptor()
-                        .map_or(0, |dv| u64::try_from(dv.cardinality).unwrap_or(0));
-                    let rows = f.num_records().map_or(0, |n| n as u64);
-                    (f.path().into_owned(), value, rows.saturating_sub(deleted))
-                })
-                .collect()
-        },
-    )
+fn files_in_partitions(table: &DeltaTable, column: &str) -> Vec<FileEntry> {
+    file_entries(table, column).into_values().collect()
 }
 
 /// Each data file of the loaded version of `table` by its entry in the log: its path and
@@ -169,8 +154,9 @@ pub async fn partitions_changed_since(
 
 /// The distinct values of data column `column` over the rows that differ between version
 /// `since` of `table` and its loaded version: the rows of the files added since that no
-/// removed file holds, and the other way round. A MERGE rewrites whole files, so this reads
-/// the files it rewrote, not the table. One column named `column`; no rows when no data
+/// removed file holds, and the other way round. A MERGE rewrites whole files and an upsert
+/// that marks rows gives a file a new deletion vector, so this reads those files (each side
+/// through its version's vectors), not the table. One column named `column`; no rows when no data
 /// file changed, and the rows those files hold. `None` when version `since` can no longer be
 /// loaded or is not older, or when the changed files hold more than `max_rows` rows.
 pub async fn values_changed_since(

@@ -1,8 +1,10 @@
-//! Upsert by key: MERGE a deduplicated batch into a table, where a matched row is replaced
-//! only when the incoming row wins the table's keep rule. Because the rule compares stored
-//! columns, merging the same batch twice, or batches in any order, gives the same table.
-//! Under a memory limit that cannot hold the batch, the MERGE is joined by sort-merge, whose
-//! sorts spill, instead of by hash ([`merge_session`]).
+//! Upsert by key: a deduplicated batch into a table, where a matched row is replaced only
+//! when the incoming row wins the table's keep rule. Because the rule compares stored
+//! columns, upserting the same batch twice, or batches in any order, gives the same table.
+//! A replaced row is marked deleted in a deletion vector and the winners appended
+//! ([`deletion_vectors`]); where that does not apply, delta-rs's MERGE rewrites the files
+//! that hold a match. Under a memory limit that cannot hold the batch, the MERGE is joined by
+//! sort-merge, whose sorts spill, instead of by hash ([`merge_session`]).
 
 use std::sync::Arc;
 
@@ -35,7 +37,7 @@ use crate::table;
 
 mod deletion_vectors;
 
-/// Builds a MERGE of `source` (at most one row per key) into the table at a URL.
+/// Builds an upsert of `source` (at most one row per key) into the table at a URL.
 #[derive(Debug)]
 pub struct UpsertBuilder {
     url: Url,
