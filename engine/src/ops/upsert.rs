@@ -123,8 +123,9 @@ impl UpsertBuilder {
     /// vector, with the incoming rows appended (the default), instead of its file rewritten
     /// by delta-rs's MERGE. Marking raises the table's protocol to reader 3 and writer 7
     /// (Spark 3.4 with Delta 2.4, delta-rs 1.x and DuckDB read it). It applies when the
-    /// batch fits the memory limit and the key and keep-rule columns are stored in the
-    /// files (not partition columns); other upserts MERGE.
+    /// batch's size is known ([`Self::with_source_rows_at_most`]) and fits the memory limit,
+    /// and the key and keep-rule columns are stored in the files (not partition columns);
+    /// other upserts MERGE.
     pub fn with_deletion_vectors(mut self, enabled: bool) -> Self {
         self.deletion_vectors = enabled;
         self

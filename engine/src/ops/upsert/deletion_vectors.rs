@@ -16,6 +16,7 @@ use std::sync::Arc;
 use buoyant_kernel::actions::deletion_vector_writer::{
     KernelDeletionVector, StreamingDeletionVectorWriter,
 };
+use buoyant_kernel::table_features::ColumnMappingMode;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
@@ -76,7 +77,7 @@ pub(super) fn applies(
         .snapshot()
         .table_properties()
         .column_mapping_mode
-        .is_none_or(|mode| format!("{mode:?}").eq_ignore_ascii_case("none"));
+        .is_none_or(|mode| mode == ColumnMappingMode::None);
     let stored = |c: &String| !partition_columns.contains(c);
     unmapped && !keys.is_empty() && keys.iter().all(stored) && winner_order.iter().all(stored)
 }
@@ -185,12 +186,13 @@ impl MarkingUpsert<'_> {
         if deletions.iter().any(|d| !d.is_empty()) {
             table = enable_deletion_vectors(table, url).await?;
             actions.extend(
-                mark_deleted(table.log_store().object_store(None), candidates, deletions)
-                    .await
-                    .map_err(|e| EngineError::ObjectStore {
-                        location: url.to_string(),
-                        source: Box::new(e),
-                    })?,
+                mark_deleted(
+                    url,
+                    table.log_store().object_store(None),
+                    candidates,
+                    deletions,
+                )
+                .await?,
             );
         }
         if actions.is_empty() && adds.is_empty() && self.txn.is_none() {
@@ -459,6 +461,9 @@ fn cast_like(
 fn key_range(source: &RecordBatch, keys: &[String]) -> Option<(String, String)> {
     let [key] = keys else { return None };
     let column = source.column(source.schema().index_of(key).ok()?);
+    if column.null_count() > 0 || !column.data_type().is_string() {
+        return None;
+    }
     let text = cast(
         column.as_ref(),
         &datafusion::arrow::datatypes::DataType::Utf8,
@@ -467,9 +472,6 @@ fn key_range(source: &RecordBatch, keys: &[String]) -> Option<(String, String)> 
     let text = text
         .as_any()
         .downcast_ref::<datafusion::arrow::array::StringArray>()?;
-    if text.null_count() > 0 || !column.data_type().is_string() {
-        return None;
-    }
     let low = datafusion::arrow::compute::min_string(text)?;
     let high = datafusion::arrow::compute::max_string(text)?;
     Some((low.to_owned(), high.to_owned()))
@@ -561,10 +563,12 @@ async fn enable_deletion_vectors(table: DeltaTable, url: &Url) -> Result<DeltaTa
 /// and the new ones) and returns, per file, the remove of its old entry and the add of it
 /// with the new vector.
 async fn mark_deleted(
+    url: &Url,
     store: Arc<dyn ObjectStore>,
     candidates: Vec<Candidate>,
     deletions: Vec<Vec<u64>>,
-) -> object_store::Result<Vec<Action>> {
+) -> Result<Vec<Action>> {
+    let kernel = |e: buoyant_kernel::Error| EngineError::delta(url, e.into());
     let id = uuid::Uuid::new_v4();
     let mut bytes = Vec::new();
     let mut actions = Vec::new();
@@ -576,9 +580,7 @@ async fn mark_deleted(
             }
             let mut vector = KernelDeletionVector::new();
             vector.add_deleted_row_indexes(candidate.deleted.iter().chain(&new));
-            let written = writer
-                .write_deletion_vector(vector)
-                .map_err(|e| generic(e.to_string()))?;
+            let written = writer.write_deletion_vector(vector).map_err(kernel)?;
             let mut add = candidate.add;
             add.deletion_vector = Some(DeletionVectorDescriptor {
                 storage_type: StorageType::UuidRelativePath,
@@ -591,14 +593,16 @@ async fn mark_deleted(
             actions.push(Action::Remove(candidate.remove));
             actions.push(Action::Add(add));
         }
-        writer.finalize().map_err(|e| generic(e.to_string()))?;
+        writer.finalize().map_err(kernel)?;
     }
+    let path = Path::from(format!("deletion_vector_{id}.bin"));
     store
-        .put(
-            &Path::from(format!("deletion_vector_{id}.bin")),
-            bytes.into(),
-        )
-        .await?;
+        .put(&path, bytes.into())
+        .await
+        .map_err(|e| EngineError::ObjectStore {
+            location: format!("{url}{path}"),
+            source: Box::new(e),
+        })?;
     Ok(actions)
 }
 
@@ -611,12 +615,5 @@ fn loose_bounds(stats: &str) -> String {
             serde_json::Value::Object(map).to_string()
         }
         _ => stats.to_string(),
-    }
-}
-
-fn generic(reason: String) -> object_store::Error {
-    object_store::Error::Generic {
-        store: "deletion vectors",
-        source: reason.into(),
     }
 }
