@@ -9,10 +9,9 @@ use datafusion::arrow::compute::kernels::cmp::not_distinct;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
+use deltalake::kernel::StructType;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake::kernel::scalars::ScalarExt;
-use deltalake::kernel::transaction::CommitBuilder;
-use deltalake::kernel::{Action, StructType};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use url::Url;
@@ -206,22 +205,18 @@ impl StagedAppend {
 
     /// Commits the staged files as one Delta version (creating the table when absent). With a
     /// transaction that the table already holds, nothing is committed.
-    pub async fn commit(mut self, txn: Option<&AppTransaction>) -> Result<CommitMetrics> {
-        let url = self.builder.url.clone();
-        let mut adds = self
-            .writer
-            .flush()
-            .await
-            .map_err(|e| EngineError::delta(&url, e))?;
-        adds.append(&mut self.absorbed);
-        let table = match table::open_table(&url).await? {
+    pub async fn commit(self, txn: Option<&AppTransaction>) -> Result<CommitMetrics> {
+        let builder = self.builder.clone();
+        let url = &builder.url;
+        let (adds, rows) = self.finish().await?;
+        let table = match table::open_table(url).await? {
             Some(t) => t,
             None => {
                 create_table(
-                    &url,
-                    &self.builder.schema,
-                    &self.builder.partition_columns,
-                    self.builder.stats_columns.as_deref(),
+                    url,
+                    &builder.schema,
+                    &builder.partition_columns,
+                    builder.stats_columns.as_deref(),
                 )
                 .await?
             }
@@ -229,35 +224,16 @@ impl StagedAppend {
         if let Some(done) = AppTransaction::already_committed(txn, &table).await? {
             return Ok(done);
         }
-        if adds.is_empty() && txn.is_none() {
-            return Ok(CommitMetrics {
-                version: table.version(),
-                ..CommitMetrics::default()
-            });
-        }
-        let files_added = adds.len() as u64;
-        let bytes_added = adds
-            .iter()
-            .map(|a| u64::try_from(a.size).unwrap_or(0))
-            .sum();
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,
-            partition_by: (!self.builder.partition_columns.is_empty())
-                .then(|| self.builder.partition_columns.clone()),
+            partition_by: (!builder.partition_columns.is_empty())
+                .then(|| builder.partition_columns.clone()),
             predicate: None,
         };
-        let snapshot = table.snapshot().map_err(|e| EngineError::delta(&url, e))?;
-        let finalized = CommitBuilder::from(AppTransaction::commit_properties(txn))
-            .with_actions(adds.into_iter().map(Action::Add).collect())
-            .build(Some(snapshot), table.log_store(), operation)
-            .await
-            .map_err(|e| EngineError::delta(&url, e))?;
+        let committed = super::commit_files(url, &table, Vec::new(), adds, txn, operation).await?;
         Ok(CommitMetrics {
-            version: Some(finalized.version()),
-            rows_inserted: self.rows,
-            files_added,
-            bytes_added,
-            ..CommitMetrics::default()
+            rows_inserted: rows,
+            ..committed
         })
     }
 }

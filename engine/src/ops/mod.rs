@@ -16,11 +16,13 @@ use datafusion::parquet::basic::{Compression, Encoding};
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use datafusion::parquet::schema::types::ColumnPath;
 use deltalake::DeltaTable;
-use deltalake::kernel::Transaction;
-use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add, Transaction};
+use deltalake::protocol::DeltaOperation;
 use serde::Serialize;
+use url::Url;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::table;
 
 /// Data files are cut at this size unless a table says otherwise; delta-rs lets a file grow
@@ -171,6 +173,44 @@ impl AppTransaction {
             .await?
             .is_some_and(|v| v >= self.version))
     }
+}
+
+/// Commits `actions` and the data files `adds` to `table` as one version under `txn`. The
+/// metrics carry the version and the files and bytes added; rows are the caller's to fill.
+/// With no action, no file and no transaction there is nothing to record: nothing is
+/// committed and the loaded version is reported.
+pub(crate) async fn commit_files(
+    url: &Url,
+    table: &DeltaTable,
+    mut actions: Vec<Action>,
+    adds: Vec<Add>,
+    txn: Option<&AppTransaction>,
+    operation: DeltaOperation,
+) -> Result<CommitMetrics> {
+    if actions.is_empty() && adds.is_empty() && txn.is_none() {
+        return Ok(CommitMetrics {
+            version: table.version(),
+            ..CommitMetrics::default()
+        });
+    }
+    let files_added = adds.len() as u64;
+    let bytes_added = adds
+        .iter()
+        .map(|a| u64::try_from(a.size).unwrap_or(0))
+        .sum();
+    actions.extend(adds.into_iter().map(Action::Add));
+    let snapshot = table.snapshot().map_err(|e| EngineError::delta(url, e))?;
+    let finalized = CommitBuilder::from(AppTransaction::commit_properties(txn))
+        .with_actions(actions)
+        .build(Some(snapshot), table.log_store(), operation)
+        .await
+        .map_err(|e| EngineError::delta(url, e))?;
+    Ok(CommitMetrics {
+        version: Some(finalized.version()),
+        files_added,
+        bytes_added,
+        ..CommitMetrics::default()
+    })
 }
 
 /// What a write did, as recorded in a run summary.

@@ -30,7 +30,6 @@ use datafusion::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask
 use datafusion::prelude::DataFrame;
 use deltalake::DeltaTable;
 use deltalake::delta_datafusion::DataFusionMixins as _;
-use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Remove, StorageType};
 use deltalake::protocol::DeltaOperation;
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -117,7 +116,6 @@ impl MarkingUpsert<'_> {
         source: DataFrame,
     ) -> Result<CommitMetrics> {
         let url = self.url;
-        let delta = |e| EngineError::delta(url, e);
         let session = source.clone().into_parts().0;
         let declared: SchemaRef = Arc::new(source.schema().as_arrow().clone());
         let batches = source.collect().await?;
@@ -195,18 +193,6 @@ impl MarkingUpsert<'_> {
                 .await?,
             );
         }
-        if actions.is_empty() && adds.is_empty() && self.txn.is_none() {
-            return Ok(CommitMetrics {
-                version: table.version(),
-                ..CommitMetrics::default()
-            });
-        }
-        let files_added = adds.len() as u64;
-        let bytes_added = adds
-            .iter()
-            .map(|a| u64::try_from(a.size).unwrap_or(0))
-            .sum();
-        actions.extend(adds.into_iter().map(Action::Add));
         let operation = DeltaOperation::Merge {
             predicate: None,
             merge_predicate: Some(format!("keys: {}", self.keys.join(", "))),
@@ -214,19 +200,12 @@ impl MarkingUpsert<'_> {
             not_matched_predicates: Vec::new(),
             not_matched_by_source_predicates: Vec::new(),
         };
-        let snapshot = table.snapshot().map_err(delta)?;
-        let committed = CommitBuilder::from(AppTransaction::commit_properties(self.txn))
-            .with_actions(actions)
-            .build(Some(snapshot), table.log_store(), operation)
-            .await
-            .map_err(delta)?;
+        let committed =
+            super::super::commit_files(url, &table, actions, adds, self.txn, operation).await?;
         Ok(CommitMetrics {
-            version: Some(committed.version()),
             rows_inserted: rows_written - rows_updated,
             rows_updated,
-            files_added,
-            bytes_added,
-            already_committed: false,
+            ..committed
         })
     }
 
