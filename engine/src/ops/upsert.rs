@@ -464,6 +464,31 @@ mod tests {
         ctx.sql(sql).await.unwrap().collect().await.unwrap()
     }
 
+    /// Column `column` of every row of `batches`, as text.
+    fn texts(batches: &[RecordBatch], column: usize) -> Vec<String> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let text =
+                    datafusion::arrow::compute::cast(b.column(column), &DataType::Utf8).unwrap();
+                let text = text.as_any().downcast_ref::<StringArray>().unwrap();
+                text.iter()
+                    .map(|s| s.unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The first row's value of 64-bit integer column `column` (a one-row aggregate).
+    fn first_i64(batches: &[RecordBatch], column: usize) -> i64 {
+        batches[0]
+            .column(column)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0)
+    }
+
     /// Merges `first`, then `second`, into a new table, marking replaced rows in deletion
     /// vectors or rewriting their files (delta-rs's MERGE); returns its `k=v` rows, sorted.
     async fn merged(
@@ -491,15 +516,7 @@ mod tests {
         )
         .await;
         let _ = std::fs::remove_dir_all(&dir);
-        out.iter()
-            .flat_map(|b| {
-                let kv = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
-                let kv = kv.as_any().downcast_ref::<StringArray>().unwrap();
-                kv.iter()
-                    .map(|s| s.unwrap().to_string())
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        texts(&out, 0)
     }
 
     #[tokio::test]
@@ -578,14 +595,7 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-        let mut changed: Vec<String> = changed
-            .iter()
-            .flat_map(|b| {
-                let c = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
-                let c = c.as_any().downcast_ref::<StringArray>().unwrap();
-                c.iter().map(|s| s.unwrap().to_string()).collect::<Vec<_>>()
-            })
-            .collect();
+        let mut changed = texts(&changed, 0);
         changed.sort();
         assert_eq!(changed, ["k0001", "k0003", "new1", "new2"]);
 
@@ -598,25 +608,8 @@ mod tests {
         )
         .await;
         let _ = std::fs::remove_dir_all(&dir);
-        let n = out[0]
-            .column(0)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .unwrap()
-            .value(0);
-        let distinct = out[0]
-            .column(1)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .unwrap()
-            .value(0);
-        let changed = datafusion::arrow::compute::cast(out[0].column(2), &DataType::Utf8).unwrap();
-        let changed = changed
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .unwrap()
-            .value(0)
-            .to_string();
+        let (n, distinct) = (first_i64(&out, 0), first_i64(&out, 1));
+        let changed = texts(&out, 2).concat();
         assert_eq!((n, distinct), (1002, 1002));
         assert_eq!(changed, "k0001=v3,k0003=v3,new1=v2,new2=v3");
     }
@@ -689,14 +682,7 @@ mod tests {
         )
         .await;
         let _ = std::fs::remove_dir_all(&dir);
-        let value = |c: usize| {
-            out[0]
-                .column(c)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .value(0)
-        };
+        let value = |c: usize| first_i64(&out, c);
         // 100 + 16 new keys; k000 and k001 carry the last batch's ts 8, new keys their own.
         assert_eq!((value(0), value(1)), (116, 116));
         assert_eq!(value(2), 2 * 8 + 2 * (1..=8).sum::<i64>());
@@ -762,16 +748,7 @@ mod tests {
         )
         .await;
         let _ = std::fs::remove_dir_all(&dir);
-        let row: Vec<i64> = (0..3)
-            .map(|c| {
-                counts[0]
-                    .column(c)
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .unwrap()
-                    .value(0)
-            })
-            .collect();
+        let row: Vec<i64> = (0..3).map(|c| first_i64(&counts, c)).collect();
         assert_eq!(row, [ROWS as i64; 3], "rows, keys, rows replaced");
     }
 }
