@@ -10,25 +10,12 @@
 # each run and its tables' times (layer.table=ms). Needs twice the lake's 3.5 GB free.
 set -eu
 a=$1; b=$2; rounds=${3:-2}
-batches=$HOME/.cache/medallion/bench/incremental-sf10/batches
 work=$HOME/.cache/medallion/bench/incremental-ab
-[ -d "$batches" ] || { echo "no landing at $batches: run benches/incremental.py --scale 10 first" >&2; exit 2; }
-rm -rf "$work"; mkdir -p "$work/landing"
-land() { # FIRST LAST (0-based batch indices, inclusive)
-    for e in "$batches"/*/; do
-        mkdir -p "$work/landing/$(basename "$e")"
-        ls "$e" | sort | sed -n "$(($1 + 1)),$(($2 + 1))p" | while read -r batch; do
-            ln -s "$e$batch" "$work/landing/$(basename "$e")/$batch"
-        done
-    done
-}
-summarise() { # SUMMARY_JSON
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('  ' + ' '.join(f\"{t['layer'][0]}.{t['table']}={t['duration_ms']}\" for t in d['tables'] if not t['table'].endswith('_quarantine')))" "$1"
-}
-land 0 98
+. "$(dirname "$0")/incremental_lib.sh"
+land 1 99
 /usr/bin/time -f "batches 1-99 (A): wall %e s" "$a" run commerce --var landing="$work/landing" --var lake="$work/base" >"$work/base.log" 2>&1
 tail -1 "$work/base.log"
-land 99 99
+land 100 100
 for round in $(seq "$rounds"); do
     if [ $((round % 2)) = 1 ]; then order="A B"; else order="B A"; fi
     for which in $order; do

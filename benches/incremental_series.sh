@@ -11,23 +11,13 @@
 # runs, and whether gold equals incremental.py's recompute of all 100 batches.
 set -eu
 bin=$1; first=${2:-91}
-batches=$HOME/.cache/medallion/bench/incremental-sf10/batches
 work=$HOME/.cache/medallion/bench/incremental-series
-[ -d "$batches" ] || { echo "no landing at $batches: run benches/incremental.py --scale 10 first" >&2; exit 2; }
-rm -rf "$work"; mkdir -p "$work/landing"
-land() { # FIRST LAST (1-based batch numbers, inclusive)
-    for e in "$batches"/*/; do
-        mkdir -p "$work/landing/$(basename "$e")"
-        ls "$e" | sort | sed -n "$1,$2p" | while read -r batch; do
-            ln -s "$e$batch" "$work/landing/$(basename "$e")/$batch"
-        done
-    done
-}
+. "$(dirname "$0")/incremental_lib.sh"
 run() { # LABEL
     /usr/bin/time -f "$1: wall %e s, cpu %U+%S s, peak %M KB" -o "$work/time" "$bin" run commerce \
         --var landing="$work/landing" --var lake="$work/lake" --summary "$work/summary.json" >"$work/run.log" 2>&1
     cat "$work/time"
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('  ' + ' '.join(f\"{t['layer'][0]}.{t['table']}={t['duration_ms']}\" for t in d['tables'] if not t['table'].endswith('_quarantine')))" "$work/summary.json"
+    summarise "$work/summary.json"
     echo "  silver orders: $(find "$work/lake/silver/orders" -name '*.parquet' | wc -l) parquet files on disk (removed ones stay until a vacuum)"
 }
 land 1 $((first - 1))
