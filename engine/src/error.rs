@@ -51,6 +51,10 @@ pub enum EngineError {
     /// The data handed to a write does not fit the table it goes to.
     #[error("write to {table} rejected: {reason}")]
     InvalidWrite { table: String, reason: String },
+
+    /// A table's log names what its files do not hold (a data file, a deletion vector).
+    #[error("cannot read {table}: {reason}")]
+    UnreadableTable { table: String, reason: String },
 }
 
 /// How DataFusion's `ResourcesExhausted` error displays: delta-rs keeps a query error of a

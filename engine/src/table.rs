@@ -3,10 +3,21 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use buoyant_kernel::table_features::ColumnMappingMode;
 use datafusion::arrow::array::RecordBatch;
-use datafusion::common::TableReference;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::{DataFusionError, TableReference};
+use datafusion::datasource::MemTable;
+// Deprecated in parquet 59 in favour of a reader of one's own; it is still the one that
+// reads a projection of a file by ranges from any object store.
+use datafusion::parquet::arrow::arrow_reader::{RowSelection, RowSelector};
+#[allow(deprecated)]
+use datafusion::parquet::arrow::async_reader::ParquetObjectReader;
+use datafusion::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use datafusion::prelude::{DataFrame, SessionContext};
 use deltalake::{DeltaTable, DeltaTableBuilder};
+use futures::TryStreamExt as _;
 use url::Url;
 
 use crate::error::{EngineError, Result};
@@ -153,12 +164,10 @@ pub async fn partitions_changed_since(
 }
 
 /// The distinct values of data column `column` over the rows that differ between version
-/// `since` of `table` and its loaded version: the rows of the files added since that no
-/// removed file holds, and the other way round. A MERGE rewrites whole files and an upsert
-/// that marks rows gives a file a new deletion vector, so this reads those files (each side
-/// through its version's vectors), not the table. One column named `column`; no rows when no data
-/// file changed, and the rows those files hold. `None` when version `since` can no longer be
-/// loaded or is not older, or when the changed files hold more than `max_rows` rows.
+/// `since` of `table` and its loaded version (see [`rows_changed_since`]). One column named
+/// `column`; no rows when no data file changed, and the rows read. `None` when version
+/// `since` can no longer be loaded or is not older, or when the rows to read are more than
+/// `max_rows`.
 pub async fn values_changed_since(
     ctx: &SessionContext,
     table: &DeltaTable,
@@ -166,16 +175,110 @@ pub async fn values_changed_since(
     column: &str,
     max_rows: u64,
 ) -> Result<Option<(Vec<RecordBatch>, u64)>> {
-    let Some(([removed, added], before)) = files_changed_since(table, since, "").await else {
+    let Some((rows, read)) = changed_rows(ctx, table, since, max_rows, Some(column)).await? else {
         return Ok(None);
     };
-    let rows: u64 = removed.iter().chain(&added).map(|(_, _, rows)| rows).sum();
+    Ok(Some((rows.distinct()?.collect().await?, read)))
+}
+
+/// The rows that differ between version `since` of `table` and its loaded version: the rows
+/// of the files added since that no removed file holds, and the other way round. A MERGE
+/// rewrites whole files, so this reads those files (each side through its version's
+/// vectors), not the table. An upsert that marks rows only gives a file a new deletion
+/// vector: of such a file, only the rows one vector removes and the other keeps are read
+/// (when its files store every column under its name: no partition or mapped columns). The
+/// rows to read with them; `None` when version `since` can no longer be loaded or is not
+/// older, or when the rows to read are more than `max_rows`.
+pub async fn rows_changed_since(
+    ctx: &SessionContext,
+    table: &DeltaTable,
+    since: u64,
+    max_rows: u64,
+) -> Result<Option<(DataFrame, u64)>> {
+    changed_rows(ctx, table, since, max_rows, None).await
+}
+
+/// [`rows_changed_since`], with `column` alone when given.
+async fn changed_rows(
+    ctx: &SessionContext,
+    table: &DeltaTable,
+    since: u64,
+    max_rows: u64,
+    column: Option<&str>,
+) -> Result<Option<(DataFrame, u64)>> {
+    let Some(([mut removed, mut added], before)) = files_changed_since(table, since, "").await
+    else {
+        return Ok(None);
+    };
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| EngineError::delta(table.table_url(), e))?;
+    let mut schema =
+        datafusion::catalog::TableProvider::schema(&table.table_provider().build().await?);
+    if let Some(column) = column {
+        schema = Arc::new(schema.project(&[schema.index_of(column)?])?);
+    }
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let remarked: BTreeSet<String> = if stored_as_named(table, &names) {
+        let was: BTreeSet<&String> = removed.iter().map(|(path, _, _)| path).collect();
+        added
+            .iter()
+            .map(|(path, _, _)| path)
+            .filter(|path| was.contains(path))
+            .cloned()
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    removed.retain(|(path, _, _)| !remarked.contains(path));
+    added.retain(|(path, _, _)| !remarked.contains(path));
+    let flipped = flipped_rows(ctx, &before, table, &remarked).await?;
+    let rows: u64 = removed
+        .iter()
+        .chain(&added)
+        .map(|(_, _, rows)| *rows)
+        .chain(flipped.values().map(|positions| positions.len() as u64))
+        .sum();
     if rows > max_rows {
         return Ok(None);
     }
-    // Each side is read through its version's provider, which drops the rows that version's
-    // deletion vectors remove: a file whose vector changed is read once as it was and once
-    // as it is.
+    let flipped = read_rows(table, &flipped, &schema).await?;
+    let flipped = ctx.read_table(Arc::new(MemTable::try_new(schema, vec![flipped])?))?;
+    let differing = match differing_rows(ctx, &before, table, &removed, &added).await? {
+        Some(whole) => whole
+            .select_columns(&names.iter().map(String::as_str).collect::<Vec<_>>())?
+            .union(flipped)?,
+        None => flipped,
+    };
+    Ok(Some((differing, rows)))
+}
+
+/// Whether the data files of `table` hold `columns` under their names: none is a partition
+/// column (which files do not hold) and the table maps no column to another name.
+pub(crate) fn stored_as_named(table: &DeltaTable, columns: &[String]) -> bool {
+    let Ok(state) = table.snapshot() else {
+        return false;
+    };
+    let unmapped = state
+        .snapshot()
+        .table_properties()
+        .column_mapping_mode
+        .is_none_or(|mode| mode == ColumnMappingMode::None);
+    let partition_columns = state.metadata().partition_columns();
+    unmapped && columns.iter().all(|c| !partition_columns.contains(c))
+}
+
+/// The rows of the `added` files (read at `now`) that no `removed` file holds (read at
+/// `before`), and the other way round; `None` when both lists are empty. Each side is read
+/// through its version's provider, which drops the rows that version's deletion vectors
+/// remove.
+async fn differing_rows(
+    ctx: &SessionContext,
+    before: &DeltaTable,
+    now: &DeltaTable,
+    removed: &[FileEntry],
+    added: &[FileEntry],
+) -> Result<Option<DataFrame>> {
     let read = async |at: &DeltaTable, files: &[FileEntry]| -> Result<Option<DataFrame>> {
         if files.is_empty() {
             return Ok(None);
@@ -189,18 +292,179 @@ pub async fn values_changed_since(
             .await?;
         Ok(Some(ctx.read_table(Arc::new(provider))?))
     };
-    let (removed, added) = (read(&before, &removed).await?, read(table, &added).await?);
-    let differing = match (removed, added) {
-        (None, None) => return Ok(Some((Vec::new(), 0))),
-        (Some(only), None) | (None, Some(only)) => only,
-        (Some(old), Some(new)) => new.clone().except(old.clone())?.union(old.except(new)?)?,
-    };
-    let values = differing
-        .select_columns(&[column])?
-        .distinct()?
-        .collect()
+    Ok(
+        match (read(before, removed).await?, read(now, added).await?) {
+            (None, None) => None,
+            (Some(only), None) | (None, Some(only)) => Some(only),
+            (Some(old), Some(new)) => {
+                Some(new.clone().except(old.clone())?.union(old.except(new)?)?)
+            }
+        },
+    )
+}
+
+/// For each of `paths` (data files in both `before` and `now`, whose deletion vector
+/// changed), the positions of the rows that one version's vector removes and the other's
+/// keeps, in order.
+async fn flipped_rows(
+    ctx: &SessionContext,
+    before: &DeltaTable,
+    now: &DeltaTable,
+    paths: &BTreeSet<String>,
+) -> Result<BTreeMap<String, Vec<u64>>> {
+    if paths.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let (old, new) = (
+        keep_masks(ctx, before, paths).await?,
+        keep_masks(ctx, now, paths).await?,
+    );
+    let none = Vec::new();
+    Ok(paths
+        .iter()
+        .map(|path| {
+            let (old, new) = (
+                old.get(path).unwrap_or(&none),
+                new.get(path).unwrap_or(&none),
+            );
+            // A row past the end of a mask is kept.
+            let positions = (0..old.len().max(new.len()))
+                .filter(|&row| {
+                    old.get(row).copied().unwrap_or(true) != new.get(row).copied().unwrap_or(true)
+                })
+                .map(|row| row as u64)
+                .collect();
+            (path.clone(), positions)
+        })
+        .collect())
+}
+
+/// The keep masks of the deletion vectors of the files `paths` of the loaded version of
+/// `table`, by path; a file without a vector has none.
+async fn keep_masks(
+    ctx: &SessionContext,
+    table: &DeltaTable,
+    paths: &BTreeSet<String>,
+) -> Result<HashMap<String, Vec<bool>>> {
+    let with_vectors: Vec<String> = table.snapshot().map_or_else(
+        |_| Vec::new(),
+        |s| {
+            s.log_data()
+                .iter()
+                .filter(|f| f.deletion_vector_descriptor().is_some())
+                .map(|f| f.path().into_owned())
+                .filter(|path| paths.contains(path))
+                .collect()
+        },
+    );
+    if with_vectors.is_empty() {
+        return Ok(HashMap::new());
+    }
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| EngineError::delta(table.table_url(), e))?;
+    let provider = table
+        .table_provider()
+        .with_file_paths(with_vectors.clone())
+        .build()
         .await?;
-    Ok(Some((values, rows)))
+    let mut by_url: HashMap<String, Vec<bool>> = provider
+        .deletion_vectors(&ctx.state())
+        .await?
+        .into_iter()
+        .map(|selection| (selection.filepath, selection.keep_mask))
+        .collect();
+    let root = table.table_url();
+    with_vectors
+        .into_iter()
+        .map(|path| {
+            let mask = root
+                .join(&path)
+                .ok()
+                .and_then(|url| by_url.remove(url.as_str()))
+                .ok_or_else(|| EngineError::UnreadableTable {
+                    table: root.to_string(),
+                    reason: format!("no deletion vector was read for {path}, which has one"),
+                })?;
+            Ok((path, mask))
+        })
+        .collect()
+}
+
+/// The rows at `positions` of each data file of `table` they name, as `schema` (its columns
+/// read by name from the files, and cast to its types).
+async fn read_rows(
+    table: &DeltaTable,
+    positions: &BTreeMap<String, Vec<u64>>,
+    schema: &SchemaRef,
+) -> Result<Vec<RecordBatch>> {
+    if positions.values().all(Vec::is_empty) {
+        return Ok(Vec::new());
+    }
+    let unreadable = |reason: String| EngineError::UnreadableTable {
+        table: table.table_url().to_string(),
+        reason,
+    };
+    let files: HashMap<String, (object_store::path::Path, u64)> = table
+        .snapshot()
+        .map_err(|e| EngineError::delta(table.table_url(), e))?
+        .log_data()
+        .iter()
+        .map(|f| {
+            let size = u64::try_from(f.size()).unwrap_or(0);
+            (f.path().into_owned(), (f.object_store_path(), size))
+        })
+        .collect();
+    let store = table.log_store().object_store(None);
+    let mut batches = Vec::new();
+    for (path, rows) in positions.iter().filter(|(_, rows)| !rows.is_empty()) {
+        let Some((location, size)) = files.get(path) else {
+            return Err(unreadable(format!(
+                "{path} is not a data file of the table"
+            )));
+        };
+        #[allow(deprecated)]
+        let reader =
+            ParquetObjectReader::new(Arc::clone(&store), location.clone()).with_file_size(*size);
+        let builder = ParquetRecordBatchStreamBuilder::new(reader)
+            .await
+            .map_err(DataFusionError::from)?;
+        let mut selectors = Vec::new();
+        let mut next = 0u64;
+        for &row in rows {
+            selectors.push(RowSelector::skip((row - next) as usize));
+            selectors.push(RowSelector::select(1));
+            next = row + 1;
+        }
+        let mask = ProjectionMask::columns(
+            builder.parquet_schema(),
+            schema.fields().iter().map(|f| f.name().as_str()),
+        );
+        let read: Vec<RecordBatch> = builder
+            .with_projection(mask)
+            .with_row_selection(RowSelection::from(selectors))
+            .build()
+            .map_err(DataFusionError::from)?
+            .try_collect()
+            .await
+            .map_err(DataFusionError::from)?;
+        for batch in read {
+            let columns = schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let stored = batch.column_by_name(f.name()).ok_or_else(|| {
+                        unreadable(format!("{path} holds no column {}", f.name()))
+                    })?;
+                    Ok(cast(stored, f.data_type()).map_err(DataFusionError::from)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            batches.push(
+                RecordBatch::try_new(Arc::clone(schema), columns).map_err(DataFusionError::from)?,
+            );
+        }
+    }
+    Ok(batches)
 }
 
 /// Rows, from the Delta log's per-file statistics, by value of partition column `column` (a

@@ -61,6 +61,10 @@ const BUILTIN: &[(&str, &[(&str, &str)])] = &[(
             include_str!("../../pipelines/commerce/gold/customer_360.sql"),
         ),
         (
+            "gold/customer_360_repriced.sql",
+            include_str!("../../pipelines/commerce/gold/customer_360_repriced.sql"),
+        ),
+        (
             "gold/daily_engagement.sql",
             include_str!("../../pipelines/commerce/gold/daily_engagement.sql"),
         ),
@@ -258,8 +262,11 @@ pub struct GoldSpec {
 ///   differ in the files they rewrote; the model runs over the `from` rows with those
 ///   values alone, and the table keeps its rows of every other value.
 ///
+/// By key, a table read whole may also be listed in `through`, with a query that names the
+/// values of `column` its changed rows can touch.
+///
 /// Any other change rebuilds the table whole, as does one that touches more than half of it,
-/// or (by key) whose rewritten files hold more than a quarter of the `from` tables' rows.
+/// or (by key) whose changed rows to read are more than a quarter of the `from` tables' rows.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RebuildBy {
@@ -267,7 +274,25 @@ pub struct RebuildBy {
     /// The silver tables, as `silver.<table>`: one, or a list.
     #[serde(deserialize_with = "one_or_many")]
     pub from: Vec<String>,
+    #[serde(default)]
+    pub through: Vec<RebuildThrough>,
 }
+
+/// A table a keyed rebuild reads whole, and how its changes map to keys: a SQL file whose
+/// query reads the table's rows that changed (their old and their new versions) as
+/// `changed`, and returns one column, the values of `column` whose rows those rows can
+/// change. It may read the other tables as the model does; the values it leaves out are
+/// not rebuilt, so it must name every one (more does no harm).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildThrough {
+    /// `silver.<table>`.
+    pub table: String,
+    pub sql: String,
+}
+
+/// The name a [`RebuildThrough`] query reads the changed rows by.
+pub const CHANGED_ROWS: &str = "changed";
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
@@ -484,6 +509,12 @@ impl PipelineSpec {
             .iter()
             .map(|s| s.sql.clone())
             .chain(self.gold.iter().map(|g| g.sql.clone()))
+            .chain(
+                self.gold
+                    .iter()
+                    .flat_map(|g| g.rebuild_by.iter().flat_map(|r| &r.through))
+                    .map(|t| t.sql.clone()),
+            )
             .collect()
     }
 }

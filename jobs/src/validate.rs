@@ -14,7 +14,7 @@ use medallion_engine::session;
 use medallion_quality::{QualityError, RuleSet};
 
 use crate::error::{ConfigIssue, JobError};
-use crate::pipeline::{FormatSpec, GoldKind, Keep, Pipeline, SourceSpec};
+use crate::pipeline::{CHANGED_ROWS, FormatSpec, GoldKind, Keep, Pipeline, SourceSpec};
 use crate::run::bronze::bronze_schema;
 use crate::run::silver::{INGEST_RUN_ID, INPUT_RELATION, tie_break, with_derived};
 
@@ -363,6 +363,52 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                     c.at(
                         at,
                         format!("gold table '{name}': rebuild_by from '{from}' {problem}"),
+                    );
+                }
+            }
+            for through in &r.through {
+                let t = &through.table;
+                let read = tables
+                    .iter()
+                    .find(|(l, n, _)| format!("{l}.{n}") == *t && l == "silver")
+                    .map(|(_, _, schema)| Arc::clone(schema));
+                let problem = match (&read, pipeline.sql(&through.sql)) {
+                    _ if by_partition => Some(format!(
+                        "applies to a rebuild by key, and '{column}' is a partition column"
+                    )),
+                    (None, _) => Some("must name a silver table (silver.<table>)".to_string()),
+                    _ if r.from.contains(t) => Some("is listed in from as well".to_string()),
+                    (_, Err(_)) => Some(format!(
+                        "names SQL file '{}', which is not found",
+                        pipeline.sql_label(&through.sql)
+                    )),
+                    (Some(schema), Ok(sql)) => {
+                        // The query reads the changed rows as a table of their own.
+                        ctx.deregister_table(CHANGED_ROWS)?;
+                        ctx.register_table(
+                            CHANGED_ROWS,
+                            Arc::new(MemTable::try_new(Arc::clone(schema), vec![vec![]])?),
+                        )?;
+                        let planned = ctx.sql(sql).await;
+                        ctx.deregister_table(CHANGED_ROWS)?;
+                        match planned {
+                            Err(e) => {
+                                c.sql_issue(&through.sql, &e);
+                                None
+                            }
+                            Ok(keys) if keys.schema().fields().len() != 1 => Some(format!(
+                                "has a query ({}) that returns {} columns, not one: the values of '{column}'",
+                                pipeline.sql_label(&through.sql),
+                                keys.schema().fields().len()
+                            )),
+                            Ok(_) => None,
+                        }
+                    }
+                };
+                if let Some(problem) = problem {
+                    c.at(
+                        at,
+                        format!("gold table '{name}': rebuild_by through '{t}' {problem}"),
                     );
                 }
             }

@@ -163,6 +163,51 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
         "customer_360 rebuilt {keys} customers"
     );
     assert_gold_equals_a_fresh_build(&lake).await;
+
+    // One FX hour sent again, later and with another EUR rate (customer_360 reads the rates
+    // whole): its `through` query names the customers with an order, in a currency that hour
+    // rates, at or after it, and only they are rebuilt.
+    let rates = source.landing().join("fx_rates").join("batch-0009");
+    let mut hours: Vec<_> = std::fs::read_dir(&rates)
+        .expect("batch")
+        .flatten()
+        .map(|f| f.path())
+        .collect();
+    hours.sort();
+    let hour_file = &hours[hours.len() - 24];
+    let name = hour_file.file_name().expect("file name").to_string_lossy();
+    let resent = std::fs::read_to_string(hour_file)
+        .expect("read")
+        .replacen(":00:00Z\"", ":30:00Z\"", 1)
+        .replacen("\"EUR\": ", "\"EUR\": 1", 1);
+    let to = lake.landing().join("fx_rates").join("batch-0010");
+    std::fs::create_dir_all(&to).expect("mkdir");
+    std::fs::write(to.join(&*name), resent).expect("write");
+    let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
+    // fx-2026-03-21T05.json is the rates of 2026-03-21 05:00 UTC.
+    let hour = name[3..16].replacen('T', " ", 1) + ":00:00";
+    let ctx = lake_session(&lake.lake()).await;
+    let repriced = scalar(
+        &ctx,
+        &format!(
+            "SELECT count(DISTINCT o.customer_id) FROM silver.orders o \
+             JOIN silver.fx_rates r ON r.currency = o.currency AND r.rate_hour = TIMESTAMP '{hour}' \
+             WHERE o.order_ts >= r.rate_hour"
+        ),
+    )
+    .await;
+    let customers = scalar(&ctx, "SELECT count(*) FROM silver.customers").await;
+    assert!(
+        repriced > 0 && repriced * 2 <= customers,
+        "{repriced} of {customers} customers have orders the rates of {hour} price"
+    );
+    let c360 = gold_table(&summary, "customer_360");
+    assert_eq!(
+        c360.keys_rebuilt,
+        Some(u64::try_from(repriced).unwrap()),
+        "customer_360 rebuilt other customers than the {repriced} repriced"
+    );
+    assert_gold_equals_a_fresh_build(&lake).await;
 }
 
 /// The summary of gold table `table` in a run's `summary`.

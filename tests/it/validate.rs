@@ -177,8 +177,8 @@ fn a_rebuild_by_that_cannot_scope_the_rebuild_is_reported() {
         );
         replace(
             &toml,
-            "rebuild_by = { column = \"customer_id\", from = [\"silver.customers\", \"silver.orders\", \"silver.events\"] }",
-            "rebuild_by = { column = \"customer_idd\", from = [\"silver.orders\", \"silver.nope\", \"silver.events\"] }",
+            "rebuild_by = { column = \"customer_id\", from = [\"silver.customers\", \"silver.orders\", \"silver.events\"]",
+            "rebuild_by = { column = \"customer_idd\", from = [\"silver.orders\", \"silver.nope\", \"silver.events\"]",
         )
     });
     let (code, stderr) = validate(s.dir.path());
@@ -197,6 +197,39 @@ fn a_rebuild_by_that_cannot_scope_the_rebuild_is_reported() {
         !stderr.contains("'daily_engagement': rebuild_by from 'silver.events'"),
         "silver.events is partitioned by event_date: {stderr}"
     );
+}
+
+#[test]
+fn a_through_query_that_cannot_name_the_keys_is_reported() {
+    let s = broken_pipeline(|d| {
+        let toml = d.join("pipeline.toml");
+        replace(
+            &toml,
+            "rebuild_by = { column = \"event_date\", from = \"silver.events\" }",
+            "rebuild_by = { column = \"event_date\", from = \"silver.events\", through = [{ table = \"silver.customers\", sql = \"gold/customer_360_repriced.sql\" }] }",
+        );
+        replace(
+            &toml,
+            "through = [{ table = \"silver.fx_rates\", sql = \"gold/customer_360_repriced.sql\" }]",
+            "through = [{ table = \"silver.fx_rates\", sql = \"gold/customer_360_repriced.sql\" }, { table = \"silver.nope\", sql = \"gold/customer_360_repriced.sql\" }, { table = \"silver.orders\", sql = \"gold/customer_360_repriced.sql\" }]",
+        );
+        std::fs::write(
+            d.join("gold/customer_360_repriced.sql"),
+            "SELECT DISTINCT customer_id, currency FROM silver.orders WHERE currency IN (SELECT currency FROM changed)",
+        )
+        .unwrap();
+    });
+    let (code, stderr) = validate(s.dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    for expected in [
+        "gold table 'daily_engagement': rebuild_by through 'silver.customers' applies to a rebuild by key, and 'event_date' is a partition column",
+        "gold table 'customer_360': rebuild_by through 'silver.nope' must name a silver table (silver.<table>)",
+        "gold table 'customer_360': rebuild_by through 'silver.orders' is listed in from as well",
+        "gold table 'customer_360': rebuild_by through 'silver.fx_rates' has a query (",
+        "customer_360_repriced.sql) that returns 2 columns, not one: the values of 'customer_id'",
+    ] {
+        assert!(stderr.contains(expected), "{expected}\n{stderr}");
+    }
 }
 
 #[test]

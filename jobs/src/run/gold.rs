@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Layer, RunContext, elapsed_ms};
 use crate::error::JobError;
-use crate::pipeline::{GoldKind, GoldSpec, RebuildBy};
+use crate::pipeline::{CHANGED_ROWS, GoldKind, GoldSpec, RebuildBy, RebuildThrough};
 use crate::summary::TableSummary;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -181,7 +181,21 @@ async fn scope_of_rebuild(
         .filter(|(t, v)| built_from.get(*t) != Some(v))
         .map(|(t, _)| t)
         .collect();
-    if !same_inputs || changed.iter().any(|t| !rebuild_by.from.contains(t)) {
+    let by_partition = built
+        .snapshot()
+        .is_ok_and(|s| s.metadata().partition_columns().contains(column));
+    let through = |t: &String| {
+        rebuild_by
+            .through
+            .iter()
+            .find(|through| &through.table == t)
+            .filter(|_| !by_partition)
+    };
+    if !same_inputs
+        || changed
+            .iter()
+            .any(|t| !rebuild_by.from.contains(t) && through(t).is_none())
+    {
         return Ok(None);
     }
     // Each changed input as its version in `now` was read: the model reads it, so it is open.
@@ -190,14 +204,11 @@ async fn scope_of_rebuild(
         let (Some(since), Some(Some(source))) = (built_from.get(t), opened.get(t)) else {
             return Ok(None);
         };
-        sources.push((*since, source));
+        sources.push((*since, source, through(t)));
     }
-    let by_partition = built
-        .snapshot()
-        .is_ok_and(|s| s.metadata().partition_columns().contains(column));
     if by_partition {
         let mut values = BTreeSet::new();
-        for (since, source) in sources {
+        for (since, source, _) in sources {
             let Some(changed) = table::partitions_changed_since(source, since, column).await?
             else {
                 return Ok(None);
@@ -230,9 +241,14 @@ async fn scope_of_rebuild(
         .sum::<u64>()
         / 4;
     let mut changed = Vec::new();
-    for (since, source) in sources {
+    for (since, source, through) in sources {
         // A file removed since may be gone already (a VACUUM): then rebuild the whole table.
-        let read = table::values_changed_since(&run.ctx, source, since, column, budget).await;
+        let read = match through {
+            Some(through) => keys_through(run, through, source, since, budget).await,
+            None => table::values_changed_since(&run.ctx, source, since, column, budget)
+                .await
+                .map_err(JobError::from),
+        };
         let batches = match read {
             Ok(Some((batches, rows))) => {
                 budget -= rows;
@@ -262,6 +278,32 @@ async fn scope_of_rebuild(
         keys,
         count,
     }))
+}
+
+/// The values of the rebuild's column that the rows of `source` changed since version
+/// `since` can touch, as `through`'s query names them, and the rows it read of `source`;
+/// `None` as [`table::rows_changed_since`].
+async fn keys_through(
+    run: &RunContext<'_>,
+    through: &RebuildThrough,
+    source: &DeltaTable,
+    since: u64,
+    max_rows: u64,
+) -> Result<Option<(Vec<RecordBatch>, u64)>, JobError> {
+    let Some((changed, rows)) =
+        table::rows_changed_since(&run.ctx, source, since, max_rows).await?
+    else {
+        return Ok(None);
+    };
+    let sql = run.pipeline.sql(&through.sql)?;
+    run.ctx.deregister_table(CHANGED_ROWS)?;
+    run.ctx.register_table(CHANGED_ROWS, changed.into_view())?;
+    let keys = match run.ctx.sql(sql).await {
+        Ok(query) => query.collect().await,
+        Err(error) => Err(error),
+    };
+    run.ctx.deregister_table(CHANGED_ROWS)?;
+    Ok(Some((keys?, rows)))
 }
 
 /// `plan` with every scan of one of `tables` (`layer.table`), also in the views it reads,

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use buoyant_kernel::actions::deletion_vector_writer::{
     KernelDeletionVector, StreamingDeletionVectorWriter,
 };
-use buoyant_kernel::table_features::ColumnMappingMode;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
@@ -63,22 +62,9 @@ pub(super) struct MarkingUpsert<'a> {
 }
 
 /// Whether an upsert into `table` can mark rows deleted instead of rewriting files.
-pub(super) fn applies(
-    table: &DeltaTable,
-    keys: &[String],
-    winner_order: &[String],
-    partition_columns: &[String],
-) -> bool {
-    let Ok(state) = table.snapshot() else {
-        return false;
-    };
-    let unmapped = state
-        .snapshot()
-        .table_properties()
-        .column_mapping_mode
-        .is_none_or(|mode| mode == ColumnMappingMode::None);
-    let stored = |c: &String| !partition_columns.contains(c);
-    unmapped && !keys.is_empty() && keys.iter().all(stored) && winner_order.iter().all(stored)
+pub(super) fn applies(table: &DeltaTable, keys: &[String], winner_order: &[String]) -> bool {
+    let read: Vec<String> = keys.iter().chain(winner_order).cloned().collect();
+    !keys.is_empty() && crate::table::stored_as_named(table, &read)
 }
 
 /// A data file of the table that may hold a key of the batch.
