@@ -58,13 +58,13 @@ pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Re
     Ok(())
 }
 
-/// A digest of what a model's table is built by: its SQL, the SQL of the views declared
-/// before it (which it may read) and its partition columns. A table built by another
-/// definition is rebuilt whole, even when no input changed.
-fn definition_of(sql: &str, views: &[String], partition_by: &[String]) -> String {
+/// A digest of what a model's table is built by: its SQL, `other_sql` (the SQL of the views
+/// declared before it, which it may read, and of its `through` queries) and its partition
+/// columns. A table built by another definition is rebuilt whole, even when no input changed.
+fn definition_of(sql: &str, other_sql: &[String], partition_by: &[String]) -> String {
     use sha2::Digest as _;
     let mut digest = sha2::Sha256::new();
-    for part in views.iter().map(String::as_str).chain([sql]) {
+    for part in other_sql.iter().map(String::as_str).chain([sql]) {
         digest.update(part.len().to_le_bytes());
         digest.update(part.as_bytes());
     }
@@ -553,7 +553,13 @@ async fn run_model(
     let existing = table::open_table(&url).await?;
     let read = tables_read(df.logical_plan());
     let inputs = versions_of(run, &read, opened).await?;
-    let definition = definition_of(sql, views, &spec.partition_by);
+    // A `through` query decides which keys a rebuild recomputes: one that missed some would
+    // leave their rows stale until they changed again, so a new one rebuilds whole.
+    let mut other_sql = views.clone();
+    for through in spec.rebuild_by.iter().flat_map(|r| &r.through) {
+        other_sql.push(run.pipeline.sql(&through.sql)?.to_string());
+    }
+    let definition = definition_of(sql, &other_sql, &spec.partition_by);
     // A table built by other SQL can be neither kept nor rebuilt in part.
     let same_definition = state.definition == definition;
     if existing.is_some() && same_definition && state.inputs == inputs {
