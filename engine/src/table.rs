@@ -9,11 +9,12 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::{DataFusionError, TableReference};
 use datafusion::datasource::MemTable;
+use datafusion::execution::SessionState;
+use datafusion::parquet::arrow::arrow_reader::{RowSelection, RowSelector};
 // Deprecated in parquet 59 in favour of a reader of one's own; it is still the one that
 // reads a projection of a file by ranges from any object store.
-use datafusion::parquet::arrow::arrow_reader::{RowSelection, RowSelector};
 #[allow(deprecated)]
-use datafusion::parquet::arrow::async_reader::ParquetObjectReader;
+use datafusion::parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStream};
 use datafusion::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use datafusion::prelude::{DataFrame, SessionContext};
 use deltalake::{DeltaTable, DeltaTableBuilder};
@@ -315,9 +316,10 @@ async fn flipped_rows(
     if paths.is_empty() {
         return Ok(BTreeMap::new());
     }
+    let session = ctx.state();
     let (old, new) = (
-        keep_masks(ctx, before, paths).await?,
-        keep_masks(ctx, now, paths).await?,
+        keep_masks(&session, before, paths).await?,
+        keep_masks(&session, now, paths).await?,
     );
     let none = Vec::new();
     Ok(paths
@@ -339,10 +341,10 @@ async fn flipped_rows(
         .collect())
 }
 
-/// The keep masks of the deletion vectors of the files `paths` of the loaded version of
-/// `table`, by path; a file without a vector has none.
-async fn keep_masks(
-    ctx: &SessionContext,
+/// The keep masks of the deletion vectors of the files `paths` (as the log names them) of
+/// the loaded version of `table`, by path; a file without a vector has none.
+pub(crate) async fn keep_masks(
+    session: &SessionState,
     table: &DeltaTable,
     paths: &BTreeSet<String>,
 ) -> Result<HashMap<String, Vec<bool>>> {
@@ -361,7 +363,7 @@ async fn keep_masks(
         return Ok(HashMap::new());
     }
     table
-        .update_datafusion_session(&ctx.state())
+        .update_datafusion_session(session)
         .map_err(|e| EngineError::delta(table.table_url(), e))?;
     let provider = table
         .table_provider()
@@ -369,7 +371,7 @@ async fn keep_masks(
         .build()
         .await?;
     let mut by_url: HashMap<String, Vec<bool>> = provider
-        .deletion_vectors(&ctx.state())
+        .deletion_vectors(session)
         .await?
         .into_iter()
         .map(|selection| (selection.filepath, selection.keep_mask))
@@ -423,12 +425,6 @@ async fn read_rows(
                 "{path} is not a data file of the table"
             )));
         };
-        #[allow(deprecated)]
-        let reader =
-            ParquetObjectReader::new(Arc::clone(&store), location.clone()).with_file_size(*size);
-        let builder = ParquetRecordBatchStreamBuilder::new(reader)
-            .await
-            .map_err(DataFusionError::from)?;
         let mut selectors = Vec::new();
         let mut next = 0u64;
         for &row in rows {
@@ -436,18 +432,18 @@ async fn read_rows(
             selectors.push(RowSelector::select(1));
             next = row + 1;
         }
-        let mask = ProjectionMask::columns(
-            builder.parquet_schema(),
-            schema.fields().iter().map(|f| f.name().as_str()),
-        );
-        let read: Vec<RecordBatch> = builder
-            .with_projection(mask)
-            .with_row_selection(RowSelection::from(selectors))
-            .build()
-            .map_err(DataFusionError::from)?
-            .try_collect()
-            .await
-            .map_err(DataFusionError::from)?;
+        let columns = schema.fields().iter().map(|f| f.name().as_str());
+        let read: Vec<RecordBatch> = read_stored_columns(
+            Arc::clone(&store),
+            location,
+            *size,
+            columns,
+            Some(RowSelection::from(selectors)),
+        )
+        .await?
+        .try_collect()
+        .await
+        .map_err(DataFusionError::from)?;
         for batch in read {
             let columns = schema
                 .fields()
@@ -465,6 +461,28 @@ async fn read_rows(
         }
     }
     Ok(batches)
+}
+
+/// Columns `columns` of the data file at `location` (`size` bytes), as the file stores them,
+/// of the rows `rows` alone when given.
+#[allow(deprecated)]
+pub(crate) async fn read_stored_columns<'a>(
+    store: Arc<dyn object_store::ObjectStore>,
+    location: &object_store::path::Path,
+    size: u64,
+    columns: impl IntoIterator<Item = &'a str>,
+    rows: Option<RowSelection>,
+) -> Result<ParquetRecordBatchStream<ParquetObjectReader>> {
+    let reader = ParquetObjectReader::new(store, location.clone()).with_file_size(size);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(DataFusionError::from)?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), columns);
+    let mut builder = builder.with_projection(mask);
+    if let Some(rows) = rows {
+        builder = builder.with_row_selection(rows);
+    }
+    Ok(builder.build().map_err(DataFusionError::from)?)
 }
 
 /// Rows, from the Delta log's per-file statistics, by value of partition column `column` (a

@@ -21,11 +21,6 @@ use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::DataFusionError;
-// Deprecated in parquet 59 in favour of a reader of one's own; it is still the one that
-// reads a projection of a file by ranges from any object store.
-#[allow(deprecated)]
-use datafusion::parquet::arrow::async_reader::ParquetObjectReader;
-use datafusion::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use datafusion::prelude::DataFrame;
 use deltalake::DeltaTable;
 use deltalake::delta_datafusion::DataFusionMixins as _;
@@ -246,16 +241,14 @@ impl MarkingUpsert<'_> {
             .map_err(|e| EngineError::delta(self.url, e))?;
         let range = key_range(source, self.keys);
         let mut candidates = Vec::new();
-        let mut with_deletions = Vec::new();
+        let mut log_paths = Vec::new();
         for file in state.log_data().iter() {
             if let (Some((low, high)), Some(stats)) = (&range, file.stats())
                 && outside(&stats, &self.keys[0], low, high)
             {
                 continue;
             }
-            if file.deletion_vector_descriptor().is_some() {
-                with_deletions.push(file.path().into_owned());
-            }
+            log_paths.push(file.path().into_owned());
             #[allow(deprecated)] // the Add of a file is what a commit re-adds with its new DV
             let add = file.add_action();
             candidates.push(Candidate {
@@ -266,40 +259,18 @@ impl MarkingUpsert<'_> {
                 deleted: Vec::new(),
             });
         }
-        if with_deletions.is_empty() {
-            return Ok(candidates);
-        }
-        // The rows a file's current deletion vector removes, by the file's full URL.
-        let provider = table
-            .table_provider()
-            .with_file_paths(with_deletions)
-            .build()
-            .await?;
-        let masks = provider.deletion_vectors(session).await?;
-        let root = table.table_url().clone();
-        let mut by_url: HashMap<String, usize> = HashMap::new();
-        for (i, c) in candidates.iter().enumerate() {
-            if let Ok(u) = root.join(c.path.as_ref()) {
-                by_url.insert(u.to_string(), i);
+        // The rows a file's current deletion vector removes.
+        let wanted = log_paths.iter().cloned().collect();
+        let mut masks = crate::table::keep_masks(session, table, &wanted).await?;
+        for (candidate, path) in candidates.iter_mut().zip(&log_paths) {
+            if let Some(mask) = masks.remove(path) {
+                candidate.deleted = mask
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, keep)| !**keep)
+                    .map(|(row, _)| row as u64)
+                    .collect();
             }
-        }
-        for selection in masks {
-            let Some(&i) = by_url.get(&selection.filepath) else {
-                return Err(EngineError::InvalidWrite {
-                    table: self.url.to_string(),
-                    reason: format!(
-                        "the deletion vector of {} names no file of the table",
-                        selection.filepath
-                    ),
-                });
-            };
-            candidates[i].deleted = selection
-                .keep_mask
-                .iter()
-                .enumerate()
-                .filter(|(_, keep)| !**keep)
-                .map(|(row, _)| row as u64)
-                .collect();
         }
         Ok(candidates)
     }
@@ -319,23 +290,14 @@ impl MarkingUpsert<'_> {
             key_converter,
             order,
         } = probe;
-        #[allow(deprecated)]
-        let reader =
-            ParquetObjectReader::new(store, candidate.path.clone()).with_file_size(candidate.size);
-        let builder = ParquetRecordBatchStreamBuilder::new(reader)
-            .await
-            .map_err(DataFusionError::from)?;
-        let wanted: Vec<&str> = self
+        let wanted = self
             .keys
             .iter()
             .chain(self.winner_order)
-            .map(String::as_str)
-            .collect();
-        let mask = ProjectionMask::columns(builder.parquet_schema(), wanted.iter().copied());
-        let mut stream = builder
-            .with_projection(mask)
-            .build()
-            .map_err(DataFusionError::from)?;
+            .map(String::as_str);
+        let mut stream =
+            crate::table::read_stored_columns(store, &candidate.path, candidate.size, wanted, None)
+                .await?;
         let mut deleted = candidate.deleted.iter().copied().peekable();
         let mut matches = Vec::new();
         let mut offset = 0u64;
