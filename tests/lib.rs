@@ -284,13 +284,7 @@ pub fn copy_tree(src: &Path, dst: &Path) {
 /// Lands the first `lines` lines (after a CSV header) of `entity`'s files of `batch` in
 /// `source`, as one file of the same batch under `landing`.
 pub fn land_first_lines(source: &Path, landing: &Path, entity: &str, batch: &str, lines: usize) {
-    let from = source.join(entity).join(batch);
-    let mut files: Vec<_> = std::fs::read_dir(&from)
-        .expect("batch")
-        .flatten()
-        .map(|f| f.path())
-        .collect();
-    files.sort();
+    let files = files_in(&source.join(entity).join(batch));
     let text = std::fs::read_to_string(&files[0]).expect("read");
     let header = usize::from(files[0].extension().is_some_and(|e| e == "csv"));
     let kept: Vec<&str> = text.lines().take(header + lines).collect();
@@ -298,6 +292,17 @@ pub fn land_first_lines(source: &Path, landing: &Path, entity: &str, batch: &str
     std::fs::create_dir_all(&to).expect("mkdir");
     let name = files[0].file_name().expect("file name");
     std::fs::write(to.join(name), kept.join("\n") + "\n").expect("write");
+}
+
+/// The files in folder `dir`, by name.
+pub fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("folder")
+        .flatten()
+        .map(|f| f.path())
+        .collect();
+    files.sort();
+    files
 }
 
 /// Replaces the first `from` in the file at `path` with `to`; `from` must be there.

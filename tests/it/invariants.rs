@@ -2,7 +2,7 @@
 
 use medallion_jobs::generate::{GenerateOptions, generate};
 use medallion_tests::{
-    RunLayer, Scratch, commerce_dir, copy_tree, gold_snapshot, lake_session, land_batch,
+    RunLayer, Scratch, commerce_dir, copy_tree, files_in, gold_snapshot, lake_session, land_batch,
     land_first_lines, local_run_args, medallion, medallion_ok, replace_in_file, run_all_ok,
     run_commerce, scalar, summary_of, versions,
 };
@@ -167,13 +167,7 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
     // One FX hour sent again, later and with another EUR rate (customer_360 reads the rates
     // whole): its `through` query names the customers with an order, in a currency that hour
     // rates, at or after it, and only they are rebuilt.
-    let rates = source.landing().join("fx_rates").join("batch-0009");
-    let mut hours: Vec<_> = std::fs::read_dir(&rates)
-        .expect("batch")
-        .flatten()
-        .map(|f| f.path())
-        .collect();
-    hours.sort();
+    let hours = files_in(&source.landing().join("fx_rates").join("batch-0009"));
     let hour_file = &hours[hours.len() - 24];
     let name = hour_file.file_name().expect("file name").to_string_lossy();
     let resent = std::fs::read_to_string(hour_file)
