@@ -200,3 +200,95 @@ pub async fn sql_with_table(
     ctx.deregister_table(name)?;
     Ok(planned?)
 }
+
+/// Plans `sql`, a script of statements separated by `;`. Every statement but the last creates
+/// a table (`CREATE TABLE t AS SELECT …`, which runs its query and holds the rows in memory)
+/// or a view, that the statements after it read; the last is the query planned. DataFusion
+/// runs a common table expression again wherever it is read: a table created first is a
+/// step worked out once. What the script created is dropped before this returns (the plan
+/// keeps what it reads), also when it fails.
+pub async fn sql_script(
+    ctx: &SessionContext,
+    sql: &str,
+) -> datafusion::error::Result<datafusion::prelude::DataFrame> {
+    use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+    use datafusion::sql::parser::DFParserBuilder;
+    use datafusion::sql::sqlparser::dialect::dialect_from_str;
+
+    let state = ctx.state();
+    let options = &state.config().options().sql_parser;
+    let dialect = dialect_from_str(options.dialect).ok_or_else(|| {
+        datafusion::error::DataFusionError::Plan(format!(
+            "unsupported SQL dialect {}",
+            options.dialect
+        ))
+    })?;
+    let mut statements = DFParserBuilder::new(sql)
+        .with_dialect(dialect.as_ref())
+        .with_recursion_limit(options.recursion_limit.get())
+        .build()?
+        .parse_statements()?;
+    let last = statements.pop_back().ok_or_else(|| {
+        datafusion::error::DataFusionError::Plan("the SQL holds no statement".into())
+    })?;
+    let mut created = Vec::new();
+    let planned = async {
+        for statement in statements {
+            let plan = state.statement_to_plan(statement).await?;
+            let name = match &plan {
+                LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) => create.name.clone(),
+                LogicalPlan::Ddl(DdlStatement::CreateView(create)) => create.name.clone(),
+                other => {
+                    return Err(datafusion::error::DataFusionError::Plan(format!(
+                        "only the last statement may be a query; those before it create a table or view, and this one is {}",
+                        other.display()
+                    )));
+                }
+            };
+            ctx.execute_logical_plan(plan).await?;
+            created.push(name);
+        }
+        let plan = state.statement_to_plan(last).await?;
+        ctx.execute_logical_plan(plan).await
+    }
+    .await;
+    for name in created {
+        ctx.deregister_table(name)?;
+    }
+    planned
+}
+
+/// Runs `body` with each of `tables` registered under its name (making its schema when the
+/// catalog has none by that name), then removes those names, also when `body` fails: rows
+/// handed to SQL text for one statement, whose names must not outlive it.
+pub async fn with_tables<T>(
+    ctx: &SessionContext,
+    tables: Vec<(
+        datafusion::common::TableReference,
+        datafusion::prelude::DataFrame,
+    )>,
+    body: impl AsyncFnOnce() -> Result<T>,
+) -> Result<T> {
+    let catalog = ctx
+        .catalog("datafusion")
+        .ok_or_else(|| datafusion::error::DataFusionError::Internal("no default catalog".into()))?;
+    let mut names = Vec::new();
+    for (name, rows) in tables {
+        if let Some(schema) = name.schema()
+            && catalog.schema(schema).is_none()
+        {
+            catalog.register_schema(
+                schema,
+                Arc::new(MemorySchemaProvider::new()) as Arc<dyn SchemaProvider>,
+            )?;
+        }
+        ctx.deregister_table(name.clone())?;
+        ctx.register_table(name.clone(), rows.into_view())?;
+        names.push(name);
+    }
+    let result = body().await;
+    for name in names {
+        ctx.deregister_table(name)?;
+    }
+    result
+}

@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use buoyant_kernel::table_features::ColumnMappingMode;
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{DataFusionError, TableReference};
 use datafusion::datasource::MemTable;
 use datafusion::execution::SessionState;
@@ -16,7 +16,7 @@ use datafusion::parquet::arrow::arrow_reader::{RowSelection, RowSelector};
 #[allow(deprecated)]
 use datafusion::parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStream};
 use datafusion::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
-use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::prelude::{DataFrame, SessionContext, lit};
 use deltalake::{DeltaTable, DeltaTableBuilder};
 use futures::TryStreamExt as _;
 use url::Url;
@@ -179,17 +179,40 @@ pub async fn values_changed_since(
     let Some((rows, read)) = changed_rows(ctx, table, since, max_rows, Some(column)).await? else {
         return Ok(None);
     };
-    Ok(Some((rows.distinct()?.collect().await?, read)))
+    Ok(Some((
+        rows.select_columns(&[column])?
+            .distinct()?
+            .collect()
+            .await?,
+        read,
+    )))
 }
 
-/// The rows that differ between version `since` of `table` and its loaded version: the rows
-/// of the files added since that no removed file holds, and the other way round. A MERGE
-/// rewrites whole files, so this reads those files (each side through its version's
-/// vectors), not the table. An upsert that marks rows only gives a file a new deletion
-/// vector: of such a file, only the rows one vector removes and the other keeps are read
-/// (when its files store every column under its name: no partition or mapped columns). The
-/// rows to read with them; `None` when version `since` can no longer be loaded or is not
-/// older, or when the rows to read are more than `max_rows`.
+/// The column of [`rows_changed_since`] that tells a row's side, as Delta's change data feed
+/// names it: [`CHANGE_INSERT`] for a row of the loaded version, [`CHANGE_DELETE`] for one of
+/// version `since`.
+pub const CHANGE_TYPE: &str = "_change_type";
+/// A row that the loaded version holds and version `since` did not.
+pub const CHANGE_INSERT: &str = "insert";
+/// A row that version `since` held and the loaded version does not.
+pub const CHANGE_DELETE: &str = "delete";
+
+/// `schema` with [`CHANGE_TYPE`] after its columns: the rows of [`rows_changed_since`].
+pub fn with_change_type(schema: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+    fields.push(Arc::new(Field::new(CHANGE_TYPE, DataType::Utf8, false)));
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// The rows that differ between version `since` of `table` and its loaded version, each
+/// with its side in [`CHANGE_TYPE`]: the rows of the files added since that no removed file
+/// holds (inserts), and the other way round (deletes). A MERGE rewrites whole files, so this
+/// reads those files (each side through its version's vectors), not the table. An upsert
+/// that marks rows only gives a file a new deletion vector: of such a file, only the rows
+/// one vector removes and the other keeps are read (when its files store every column under
+/// its name: no partition or mapped columns). The rows to read with them; `None` when
+/// version `since` can no longer be loaded or is not older, or when the rows to read are
+/// more than `max_rows`.
 pub async fn rows_changed_since(
     ctx: &SessionContext,
     table: &DeltaTable,
@@ -199,7 +222,7 @@ pub async fn rows_changed_since(
     changed_rows(ctx, table, since, max_rows, None).await
 }
 
-/// [`rows_changed_since`], with `column` alone when given.
+/// [`rows_changed_since`], with `column` alone (and [`CHANGE_TYPE`]) when given.
 async fn changed_rows(
     ctx: &SessionContext,
     table: &DeltaTable,
@@ -233,22 +256,37 @@ async fn changed_rows(
     };
     removed.retain(|(path, _, _)| !remarked.contains(path));
     added.retain(|(path, _, _)| !remarked.contains(path));
-    let flipped = flipped_rows(ctx, &before, table, &remarked).await?;
+    let [unmarked, marked] = flipped_rows(ctx, &before, table, &remarked).await?;
     let rows: u64 = removed
         .iter()
         .chain(&added)
         .map(|(_, _, rows)| *rows)
-        .chain(flipped.values().map(|positions| positions.len() as u64))
+        .chain(
+            unmarked
+                .values()
+                .chain(marked.values())
+                .map(|positions| positions.len() as u64),
+        )
         .sum();
     if rows > max_rows {
         return Ok(None);
     }
-    let flipped = read_rows(table, &flipped, &schema).await?;
-    let flipped = ctx.read_table(Arc::new(MemTable::try_new(schema, vec![flipped])?))?;
-    let differing = match differing_rows(ctx, &before, table, &removed, &added).await? {
-        Some(whole) => whole
-            .select_columns(&names.iter().map(String::as_str).collect::<Vec<_>>())?
-            .union(flipped)?,
+    let tagged = with_change_type(&schema);
+    let mut flipped = Vec::new();
+    for (positions, side) in [(&unmarked, CHANGE_INSERT), (&marked, CHANGE_DELETE)] {
+        for batch in read_rows(table, positions, &schema).await? {
+            let sides = Arc::new(StringArray::from(vec![side; batch.num_rows()]));
+            let mut columns = batch.columns().to_vec();
+            columns.push(sides);
+            flipped.push(
+                RecordBatch::try_new(Arc::clone(&tagged), columns)
+                    .map_err(DataFusionError::from)?,
+            );
+        }
+    }
+    let flipped = ctx.read_table(Arc::new(MemTable::try_new(tagged, vec![flipped])?))?;
+    let differing = match differing_rows(ctx, &before, table, &removed, &added, &names).await? {
+        Some(whole) => whole.union(flipped)?,
         None => flipped,
     };
     Ok(Some((differing, rows)))
@@ -270,7 +308,8 @@ pub(crate) fn stored_as_named(table: &DeltaTable, columns: &[String]) -> bool {
 }
 
 /// The rows of the `added` files (read at `now`) that no `removed` file holds (read at
-/// `before`), and the other way round; `None` when both lists are empty. Each side is read
+/// `before`), tagged [`CHANGE_INSERT`], and the other way round, tagged [`CHANGE_DELETE`];
+/// columns `names` and [`CHANGE_TYPE`]. `None` when both lists are empty. Each side is read
 /// through its version's provider, which drops the rows that version's deletion vectors
 /// remove.
 async fn differing_rows(
@@ -279,6 +318,7 @@ async fn differing_rows(
     now: &DeltaTable,
     removed: &[FileEntry],
     added: &[FileEntry],
+    names: &[String],
 ) -> Result<Option<DataFrame>> {
     let read = async |at: &DeltaTable, files: &[FileEntry]| -> Result<Option<DataFrame>> {
         if files.is_empty() {
@@ -291,30 +331,37 @@ async fn differing_rows(
             .with_file_paths(files.iter().map(|(path, _, _)| path.clone()))
             .build()
             .await?;
-        Ok(Some(ctx.read_table(Arc::new(provider))?))
+        let columns: Vec<&str> = names.iter().map(String::as_str).collect();
+        Ok(Some(
+            ctx.read_table(Arc::new(provider))?
+                .select_columns(&columns)?,
+        ))
     };
+    let tag = |rows: DataFrame, side: &str| rows.with_column(CHANGE_TYPE, lit(side));
     Ok(
         match (read(before, removed).await?, read(now, added).await?) {
             (None, None) => None,
-            (Some(only), None) | (None, Some(only)) => Some(only),
-            (Some(old), Some(new)) => {
-                Some(new.clone().except(old.clone())?.union(old.except(new)?)?)
-            }
+            (Some(old), None) => Some(tag(old, CHANGE_DELETE)?),
+            (None, Some(new)) => Some(tag(new, CHANGE_INSERT)?),
+            (Some(old), Some(new)) => Some(
+                tag(new.clone().except(old.clone())?, CHANGE_INSERT)?
+                    .union(tag(old.except(new)?, CHANGE_DELETE)?)?,
+            ),
         },
     )
 }
 
 /// For each of `paths` (data files in both `before` and `now`, whose deletion vector
-/// changed), the positions of the rows that one version's vector removes and the other's
-/// keeps, in order.
+/// changed), the positions of the rows that `now`'s vector keeps and `before`'s removed
+/// (unmarked), then of those `now`'s removes and `before`'s kept (marked), in order.
 async fn flipped_rows(
     ctx: &SessionContext,
     before: &DeltaTable,
     now: &DeltaTable,
     paths: &BTreeSet<String>,
-) -> Result<BTreeMap<String, Vec<u64>>> {
+) -> Result<[BTreeMap<String, Vec<u64>>; 2]> {
     if paths.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok([BTreeMap::new(), BTreeMap::new()]);
     }
     let session = ctx.state();
     let (old, new) = (
@@ -322,23 +369,26 @@ async fn flipped_rows(
         keep_masks(&session, now, paths).await?,
     );
     let none = Vec::new();
-    Ok(paths
-        .iter()
-        .map(|path| {
-            let (old, new) = (
-                old.get(path).unwrap_or(&none),
-                new.get(path).unwrap_or(&none),
-            );
-            // A row past the end of a mask is kept.
-            let positions = (0..old.len().max(new.len()))
-                .filter(|&row| {
-                    old.get(row).copied().unwrap_or(true) != new.get(row).copied().unwrap_or(true)
-                })
-                .map(|row| row as u64)
-                .collect();
-            (path.clone(), positions)
-        })
-        .collect())
+    let mut sides = [BTreeMap::new(), BTreeMap::new()];
+    for path in paths {
+        let (old, new) = (
+            old.get(path).unwrap_or(&none),
+            new.get(path).unwrap_or(&none),
+        );
+        // A row past the end of a mask is kept.
+        let kept = |mask: &Vec<bool>, row: usize| mask.get(row).copied().unwrap_or(true);
+        let (mut unmarked, mut marked) = (Vec::new(), Vec::new());
+        for row in 0..old.len().max(new.len()) {
+            match (kept(old, row), kept(new, row)) {
+                (false, true) => unmarked.push(row as u64),
+                (true, false) => marked.push(row as u64),
+                _ => {}
+            }
+        }
+        sides[0].insert(path.clone(), unmarked);
+        sides[1].insert(path.clone(), marked);
+    }
+    Ok(sides)
 }
 
 /// The keep masks of the deletion vectors of the files `paths` (as the log names them) of

@@ -68,6 +68,10 @@ const BUILTIN: &[(&str, &[(&str, &str)])] = &[(
             "gold/daily_engagement.sql",
             include_str!("../../pipelines/commerce/gold/daily_engagement.sql"),
         ),
+        (
+            "gold/daily_engagement_incremental.sql",
+            include_str!("../../pipelines/commerce/gold/daily_engagement_incremental.sql"),
+        ),
     ],
 )];
 
@@ -251,7 +255,34 @@ pub struct GoldSpec {
     /// Rebuild only the rows that a change of some silver tables can touch.
     #[serde(default)]
     pub rebuild_by: Option<RebuildBy>,
+    /// Update the rows that its inputs' changed rows touch, from those rows alone.
+    #[serde(default)]
+    pub incremental: Option<Incremental>,
 }
+
+/// A gold table kept up to date from the rows of its inputs that changed, rather than
+/// rebuilt: when its silver inputs changed since its last build by at most a quarter of
+/// their rows, `sql` computes the new rows of the keys those changes touch, and the table
+/// keeps its rows of every other key. Before `rebuild_by`, which applies when this cannot.
+///
+/// The query reads the lake's tables (this one as last built, under its own name), and the
+/// rows of each silver table the model reads that differ since that build as
+/// `changed.<table>`: those of the new version the old lacked and the other way round, told
+/// apart by `_change_type` (`insert`, `delete`). It returns the model's columns and a
+/// boolean `_deleted`: one row per `key` whose row may have changed, its new row, or
+/// `_deleted` true where the key has no row any more. A key it leaves out keeps its row.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Incremental {
+    /// The model's columns that name a row.
+    pub key: Vec<String>,
+    pub sql: String,
+}
+
+/// The schema an [`Incremental`] query reads the changed rows of each table from.
+pub const CHANGED_SCHEMA: &str = "changed";
+/// The column by which an [`Incremental`] query removes a key's row.
+pub const DELETED: &str = "_deleted";
 
 /// A gold table whose rows with `column = v` are computed from the rows of the `from` tables
 /// with `column = v` alone (and from other tables read whole). When only `from` tables
@@ -514,6 +545,11 @@ impl PipelineSpec {
                     .iter()
                     .flat_map(|g| g.rebuild_by.iter().flat_map(|r| &r.through))
                     .map(|t| t.sql.clone()),
+            )
+            .chain(
+                self.gold
+                    .iter()
+                    .filter_map(|g| Some(g.incremental.as_ref()?.sql.clone())),
             )
             .collect()
     }

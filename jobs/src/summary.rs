@@ -34,6 +34,10 @@ pub struct TableSummary {
     /// changed inputs touched.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keys_rebuilt: Option<u64>,
+    /// Keys whose rows a gold model with `incremental` updated from its inputs' changed rows
+    /// (rows it replaced, added or removed), when it was updated so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_updated: Option<u64>,
     /// Slices of partitions a gold model was built in, one after another, when more than one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partition_slices: Option<u64>,

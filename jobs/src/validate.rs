@@ -10,11 +10,14 @@ use arrow::datatypes::SchemaRef;
 use datafusion::common::TableReference;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use medallion_engine::session;
+use medallion_engine::{session, table};
 use medallion_quality::{QualityError, RuleSet};
 
 use crate::error::{ConfigIssue, JobError};
-use crate::pipeline::{CHANGED_ROWS, FormatSpec, GoldKind, Keep, Pipeline, SourceSpec};
+use crate::pipeline::{
+    CHANGED_ROWS, CHANGED_SCHEMA, DELETED, FormatSpec, GoldKind, GoldSpec, Incremental, Keep,
+    Pipeline, SourceSpec,
+};
 use crate::run::bronze::bronze_schema;
 use crate::run::silver::{INGEST_RUN_ID, INPUT_RELATION, tie_break, with_derived};
 
@@ -426,11 +429,130 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
         }
     }
 
+    for g in &pipeline.spec.gold {
+        if let Some(incremental) = &g.incremental {
+            check_incremental(&ctx, &mut c, g, incremental, &tables).await?;
+        }
+    }
+
     if c.issues.is_empty() {
         Ok(Validated { tables })
     } else {
         Err(JobError::Config { issues: c.issues })
     }
+}
+
+/// Checks a gold model's `incremental` update, once every table is registered: its key
+/// columns are the model's, the model reads silver tables alone (their changed rows are what
+/// the query reads), and the query plans over no changed rows and returns the model's
+/// columns and a boolean `_deleted`.
+async fn check_incremental(
+    ctx: &SessionContext,
+    c: &mut Checker<'_>,
+    g: &GoldSpec,
+    incremental: &Incremental,
+    tables: &[(String, String, SchemaRef)],
+) -> Result<(), JobError> {
+    let pipeline = c.pipeline;
+    let name = g.table.get_ref();
+    let at = g.table.span().start;
+    let mut problems = Vec::new();
+    let Some((_, _, schema)) = tables.iter().find(|(l, n, _)| l == "gold" && n == name) else {
+        // A view, or a model whose SQL failed (reported already).
+        if g.kind == GoldKind::View {
+            problems.push("applies to tables, and a view is never written".to_string());
+        }
+        for problem in problems {
+            c.at(at, format!("gold view '{name}': incremental {problem}"));
+        }
+        return Ok(());
+    };
+    for key in incremental
+        .key
+        .iter()
+        .filter(|k| schema.field_with_name(k).is_err())
+    {
+        problems.push(format!(
+            "key '{key}' is not produced by {}",
+            pipeline.sql_label(&g.sql)
+        ));
+    }
+    if incremental.key.is_empty() {
+        problems.push("key names no column".to_string());
+    }
+    let model = ctx
+        .table(TableReference::partial("gold", name.as_str()))
+        .await;
+    let read = match pipeline.sql(&g.sql) {
+        Ok(sql) => crate::run::tables_read(ctx.sql(sql).await?.logical_plan()),
+        Err(_) => Default::default(),
+    };
+    let mut changed = Vec::new();
+    for t in &read {
+        match t
+            .strip_prefix("silver.")
+            .and_then(|n| tables.iter().find(|(l, m, _)| l == "silver" && m == n))
+        {
+            Some((_, n, schema)) => {
+                let empty = MemTable::try_new(table::with_change_type(schema), vec![vec![]])?;
+                changed.push((
+                    TableReference::partial(CHANGED_SCHEMA, n.as_str()),
+                    ctx.read_table(Arc::new(empty))?,
+                ));
+            }
+            None => problems.push(format!(
+                "reads changes of silver tables alone, and {} reads {t}",
+                pipeline.sql_label(&g.sql)
+            )),
+        }
+    }
+    match pipeline.sql(&incremental.sql) {
+        Err(_) => problems.push(format!(
+            "names SQL file '{}', which is not found",
+            pipeline.sql_label(&incremental.sql)
+        )),
+        Ok(sql) if model.is_ok() => {
+            let planned = session::with_tables(ctx, changed, async || {
+                Ok(session::sql_script(ctx, sql).await)
+            })
+            .await?;
+            match planned {
+                Err(e) => c.sql_issue(&incremental.sql, &e),
+                Ok(rows) => {
+                    let returned = rows.schema();
+                    let missing: Vec<&str> = schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .filter(|f| returned.field_with_unqualified_name(f).is_err())
+                        .collect();
+                    if !missing.is_empty() {
+                        problems.push(format!(
+                            "has a query ({}) that does not return the columns {}",
+                            pipeline.sql_label(&incremental.sql),
+                            missing.join(", ")
+                        ));
+                    }
+                    if returned
+                        .field_with_unqualified_name(DELETED)
+                        .map_or(true, |f| {
+                            f.data_type() != &arrow::datatypes::DataType::Boolean
+                        })
+                    {
+                        problems.push(format!(
+                            "has a query ({}) that does not return a boolean column {DELETED}",
+                            pipeline.sql_label(&incremental.sql)
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(_) => {}
+    }
+    for problem in problems {
+        c.at(at, format!("gold table '{name}': incremental {problem}"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

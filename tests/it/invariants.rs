@@ -127,13 +127,15 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
             t.skipped
         );
     }
-    // daily_engagement (rebuild_by event_date from silver.events) rebuilt the dates of the
-    // batch's events alone; customer_360 (rebuild_by customer_id) the customers of its
-    // events alone: some, not all, and it still holds one row per customer.
-    let rebuilt = gold("daily_engagement").partitions_rebuilt;
+    // daily_engagement (incremental) updated the groups of the batch's events alone, each
+    // event's (date, country, segment, type); customer_360 (rebuild_by customer_id) the
+    // customers of its events alone: some, not all, and it still holds one row per customer.
+    let engagement = gold("daily_engagement");
+    assert_eq!(engagement.partitions_rebuilt, None);
+    let updated = engagement.keys_updated;
     assert!(
-        rebuilt.is_some_and(|n| (1..=12).contains(&n)),
-        "daily_engagement rebuilt {rebuilt:?} date partitions"
+        updated.is_some_and(|n| (1..=12).contains(&n)),
+        "daily_engagement updated {updated:?} groups"
     );
     let c360 = gold("customer_360");
     assert_eq!(c360.partitions_rebuilt, None);
@@ -161,6 +163,13 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
     assert!(
         (1..=6).contains(&keys),
         "customer_360 rebuilt {keys} customers"
+    );
+    // Their events may move to other groups, on every date they fall on: daily_engagement
+    // updated those groups, without a rebuild of any date.
+    let engagement = gold_table(&summary, "daily_engagement");
+    assert!(
+        engagement.keys_updated.is_some() && engagement.partitions_rebuilt.is_none(),
+        "daily_engagement was rebuilt: {engagement:?}"
     );
     assert_gold_equals_a_fresh_build(&lake).await;
 
@@ -200,6 +209,25 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
         c360.keys_rebuilt,
         Some(u64::try_from(repriced).unwrap()),
         "customer_360 rebuilt other customers than the {repriced} repriced"
+    );
+    assert_gold_equals_a_fresh_build(&lake).await;
+
+    // The rest of batch 10, a tenth of the data: late events, new customers and re-sent
+    // ones (some moving to another country or segment), whose events span every date.
+    // (Under a folder of its own: the files landed above are not written again.)
+    for entity in files_in(&source.landing()) {
+        let batch = entity.join("batch-0010");
+        if batch.is_dir() {
+            let to = lake.landing().join(entity.file_name().expect("entity"));
+            std::fs::create_dir_all(to.join("batch-0011")).expect("mkdir");
+            copy_tree(&batch, &to.join("batch-0011"));
+        }
+    }
+    let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
+    let engagement = gold_table(&summary, "daily_engagement");
+    assert!(
+        engagement.keys_updated.is_some_and(|n| n > 12),
+        "daily_engagement was not updated from the batch's changes: {engagement:?}"
     );
     assert_gold_equals_a_fresh_build(&lake).await;
 }

@@ -12,8 +12,12 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
 use datafusion::common::{Column, JoinType, NullEquality, TableReference};
+use datafusion::datasource::MemTable;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
+use datafusion::functions::expr_fn::coalesce;
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, LogicalPlanBuilder, Operator, binary_expr, cast, col, lit, not,
+};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::prelude::DataFrame;
@@ -21,12 +25,15 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use medallion_connectors::state::{get_typed, put_typed};
 use medallion_engine::deltalake::DeltaTable;
 use medallion_engine::ops::OverwriteBuilder;
-use medallion_engine::table;
+use medallion_engine::{session, table};
 use serde::{Deserialize, Serialize};
 
 use super::{Layer, RunContext, elapsed_ms};
 use crate::error::JobError;
-use crate::pipeline::{CHANGED_ROWS, GoldKind, GoldSpec, RebuildBy, RebuildThrough};
+use crate::pipeline::{
+    CHANGED_ROWS, CHANGED_SCHEMA, DELETED, GoldKind, GoldSpec, Incremental, RebuildBy,
+    RebuildThrough,
+};
 use crate::summary::TableSummary;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -59,8 +66,9 @@ pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Re
 }
 
 /// A digest of what a model's table is built by: its SQL, `other_sql` (the SQL of the views
-/// declared before it, which it may read, and of its `through` queries) and its partition
-/// columns. A table built by another definition is rebuilt whole, even when no input changed.
+/// declared before it, which it may read, of its `through` queries and of its `incremental`
+/// key and query) and its partition columns. A table built by another definition is rebuilt
+/// whole, even when no input changed.
 fn definition_of(sql: &str, other_sql: &[String], partition_by: &[String]) -> String {
     use sha2::Digest as _;
     let mut digest = sha2::Sha256::new();
@@ -78,7 +86,7 @@ fn definition_of(sql: &str, other_sql: &[String], partition_by: &[String]) -> St
 
 /// The lake tables (`layer.table`) that `plan` scans, looking through the views it reads and
 /// into its subqueries.
-fn tables_read(plan: &LogicalPlan) -> BTreeSet<String> {
+pub(crate) fn tables_read(plan: &LogicalPlan) -> BTreeSet<String> {
     fn walk(plan: &LogicalPlan, into: &mut BTreeSet<String>) {
         // The closure never fails; a walk of a plan cannot either.
         let _ = plan.apply_with_subqueries(|node| {
@@ -296,14 +304,12 @@ async fn keys_through(
         return Ok(None);
     };
     let sql = run.pipeline.sql(&through.sql)?;
-    run.ctx.deregister_table(CHANGED_ROWS)?;
-    run.ctx.register_table(CHANGED_ROWS, changed.into_view())?;
-    let keys = match run.ctx.sql(sql).await {
-        Ok(query) => query.collect().await,
-        Err(error) => Err(error),
-    };
-    run.ctx.deregister_table(CHANGED_ROWS)?;
-    Ok(Some((keys?, rows)))
+    let changed = vec![(TableReference::bare(CHANGED_ROWS), changed)];
+    let keys = session::with_tables(&run.ctx, changed, async || {
+        Ok(run.ctx.sql(sql).await?.collect().await?)
+    })
+    .await?;
+    Ok(Some((keys, rows)))
 }
 
 /// `plan` with every scan of one of `tables` (`layer.table`), also in the views it reads,
@@ -525,6 +531,121 @@ impl PartitionStream for SlicedModel {
     }
 }
 
+/// The rows of an `incremental` update of a built table: its query's result (see
+/// [`Incremental`]) over the rows of the model's inputs that changed since `built_from`.
+/// `None` when it cannot apply, and the table is built as without it: the model reads other
+/// tables than it did, or a changed input cannot be diffed (its old version is gone) or
+/// changed more than a quarter of the inputs' rows.
+#[allow(clippy::too_many_arguments)]
+async fn changes_applied(
+    run: &RunContext<'_>,
+    incremental: &Incremental,
+    built_from: &BTreeMap<String, u64>,
+    now: &BTreeMap<String, u64>,
+    opened: &BTreeMap<String, Option<DeltaTable>>,
+) -> Result<Option<Vec<RecordBatch>>, JobError> {
+    if built_from.len() != now.len() || now.keys().any(|t| !built_from.contains_key(t)) {
+        return Ok(None);
+    }
+    let inputs = now
+        .keys()
+        .map(|t| match (t.split_once('.'), opened.get(t)) {
+            (Some((layer, table)), Some(Some(source))) if layer == Layer::Silver.as_str() => {
+                Some((t, table, source))
+            }
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>();
+    let Some(inputs) = inputs else {
+        return Ok(None);
+    };
+    let mut budget = inputs
+        .iter()
+        .map(|(_, _, source)| table::row_count(source))
+        .sum::<u64>()
+        / 4;
+    let mut changed = Vec::new();
+    for (qualified, name, source) in inputs {
+        let (since, version) = (built_from[qualified], now[qualified]);
+        let rows = if since == version {
+            let schema = run
+                .ctx
+                .table_provider(TableReference::partial(Layer::Silver.as_str(), name))
+                .await?
+                .schema();
+            let empty = MemTable::try_new(table::with_change_type(&schema), vec![vec![]])?;
+            run.ctx.read_table(Arc::new(empty))?
+        } else {
+            match table::rows_changed_since(&run.ctx, source, since, budget).await {
+                Ok(Some((rows, read))) => {
+                    budget -= read;
+                    rows
+                }
+                Ok(None) => return Ok(None),
+                Err(error) => {
+                    tracing::warn!(%error, table = %source.table_url(), "cannot read the rows that changed; rebuilding the whole table");
+                    return Ok(None);
+                }
+            }
+        };
+        changed.push((TableReference::partial(CHANGED_SCHEMA, name), rows));
+    }
+    let sql = run.pipeline.sql(&incremental.sql)?;
+    let rows = session::with_tables(&run.ctx, changed, async || {
+        Ok(session::sql_script(&run.ctx, sql).await?.collect().await?)
+    })
+    .await?;
+    Ok(Some(rows))
+}
+
+/// The rows an `incremental` update writes: the built table's rows of every key `changes`
+/// (see [`changes_applied`]) leaves out, and its rows that are not deleted, cast to the
+/// model's columns.
+async fn with_changes(
+    run: &RunContext<'_>,
+    name: &str,
+    model: &DataFrame,
+    incremental: &Incremental,
+    built: &DeltaTable,
+    changes: Vec<RecordBatch>,
+) -> Result<DataFrame, JobError> {
+    let changes = run.ctx.read_batches(changes)?;
+    let key: Vec<&str> = incremental.key.iter().map(String::as_str).collect();
+    let columns: Vec<Expr> = model
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| cast(col(Column::from_name(f.name())), f.data_type().clone()).alias(f.name()))
+        .collect();
+    table::register_table(&run.ctx, "gold", name, built).await?;
+    let kept = run
+        .ctx
+        .table(TableReference::partial("gold", name))
+        .await?
+        .join_on(
+            changes.clone().select_columns(&key)?.select(
+                key.iter()
+                    .map(|k| col(Column::from_name(*k)).alias(format!("{KEY}{k}")))
+                    .collect::<Vec<_>>(),
+            )?,
+            JoinType::LeftAnti,
+            key.iter().map(|k| {
+                binary_expr(
+                    col(Column::from_name(*k)),
+                    Operator::IsNotDistinctFrom,
+                    col(Column::from_name(format!("{KEY}{k}"))),
+                )
+            }),
+        )?;
+    let written = changes
+        .filter(not(coalesce(vec![
+            col(Column::from_name(DELETED)),
+            lit(false),
+        ])))?
+        .select(columns.clone())?;
+    Ok(written.union(kept.select(columns)?)?)
+}
+
 async fn run_model(
     run: &RunContext<'_>,
     spec: &GoldSpec,
@@ -559,6 +680,11 @@ async fn run_model(
     for through in spec.rebuild_by.iter().flat_map(|r| &r.through) {
         other_sql.push(run.pipeline.sql(&through.sql)?.to_string());
     }
+    // So does an incremental query: the rows it got wrong would stay wrong.
+    if let Some(incremental) = &spec.incremental {
+        other_sql.push(incremental.key.join("\0"));
+        other_sql.push(run.pipeline.sql(&incremental.sql)?.to_string());
+    }
     let definition = definition_of(sql, &other_sql, &spec.partition_by);
     // A table built by other SQL can be neither kept nor rebuilt in part.
     let same_definition = state.definition == definition;
@@ -571,19 +697,31 @@ async fn run_model(
         summary.duration_ms = elapsed_ms(started);
         return Ok(Some(summary));
     }
-    let scope = match (&spec.rebuild_by, &existing) {
-        (Some(rebuild_by), Some(built)) if same_definition => {
+    let changes = match (&spec.incremental, &existing) {
+        (Some(incremental), Some(_)) if same_definition => {
+            changes_applied(run, incremental, &state.inputs, &inputs, opened).await?
+        }
+        _ => None,
+    };
+    let scope = match (&spec.rebuild_by, &existing, &changes) {
+        (Some(rebuild_by), Some(built), None) if same_definition => {
             scope_of_rebuild(run, rebuild_by, &df, built, &state.inputs, &inputs, opened).await?
         }
         _ => None,
     };
-    if let Some(scope) = &scope
-        && scope.is_empty()
-    {
+    let nothing_changed = match (&changes, &scope) {
+        (Some(changes), _) => changes
+            .iter()
+            .all(|b| b.num_rows() == 0)
+            .then(|| "key".to_string()),
+        (None, Some(scope)) => scope.is_empty().then(|| scope.column().to_string()),
+        (None, None) => None,
+    };
+    if let Some(what) = nothing_changed {
         // The changed inputs' new versions changed no row (a commit of metadata alone).
         state.inputs = inputs;
         put_typed(run.state(), &key, &state, version).await?;
-        summary.skipped = Some(format!("no {} of its inputs changed", scope.column()));
+        summary.skipped = Some(format!("no {what} of its inputs changed"));
         summary.delta_version = existing.as_ref().and_then(table::version);
         summary.duration_ms = elapsed_ms(started);
         return Ok(Some(summary));
@@ -592,8 +730,27 @@ async fn run_model(
     bar.set_message("building");
     run.repartitions();
     let seq = state.seq + 1;
-    let (source, replace_where) = match (&scope, &spec.rebuild_by, &existing) {
-        (Some(Scope::Partitions { column, values }), _, _) => {
+    let mut keys_updated = None;
+    let (source, replace_where) = match (changes, &scope, &spec.rebuild_by, &existing) {
+        (Some(changes), _, _, Some(built)) => {
+            let keys = changes.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+            tracing::info!(
+                table = name,
+                keys,
+                "updating only the keys its inputs' changed rows touched"
+            );
+            keys_updated = Some(keys);
+            let incremental = spec.incremental.as_ref().ok_or_else(|| {
+                JobError::from(datafusion::error::DataFusionError::Internal(
+                    "changes applied without incremental".into(),
+                ))
+            })?;
+            (
+                with_changes(run, &name, &df, incremental, built, changes).await?,
+                None,
+            )
+        }
+        (_, Some(Scope::Partitions { column, values }), _, _) => {
             let predicate = partition_predicate(column, values);
             tracing::info!(
                 table = name,
@@ -605,6 +762,7 @@ async fn run_model(
             (df.filter(filter)?, Some(predicate))
         }
         (
+            _,
             Some(Scope::Keys {
                 column,
                 keys,
@@ -636,7 +794,7 @@ async fn run_model(
         .rebuild_by
         .as_ref()
         .filter(|r| spec.partition_by.contains(&r.column))
-        .filter(|_| !matches!(scope, Some(Scope::Keys { .. })))
+        .filter(|_| keys_updated.is_none() && !matches!(scope, Some(Scope::Keys { .. })))
         .and_then(|r| {
             let slices = partition_slices(
                 r,
@@ -688,6 +846,7 @@ async fn run_model(
             Some(Scope::Keys { count, .. }) => summary.keys_rebuilt = Some(*count),
             None => {}
         }
+        summary.keys_updated = keys_updated;
     }
     summary.rows_read = rows_written;
     summary.rows_written = rows_written;

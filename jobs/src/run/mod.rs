@@ -15,6 +15,7 @@
 
 pub(crate) mod bronze;
 mod gold;
+pub(crate) use gold::tables_read;
 pub(crate) mod silver;
 
 use std::sync::Arc;
