@@ -245,7 +245,9 @@ pub async fn sql_script(
                     )));
                 }
             };
+            let started = std::time::Instant::now();
             ctx.execute_logical_plan(plan).await?;
+            tracing::debug!(step = %name, ms = started.elapsed().as_millis() as u64, "SQL script step run");
             created.push(name);
         }
         let plan = state.statement_to_plan(last).await?;

@@ -233,6 +233,60 @@ fn a_through_query_that_cannot_name_the_keys_is_reported() {
 }
 
 #[test]
+fn an_incremental_query_that_cannot_update_its_table_is_reported() {
+    let s = broken_pipeline(|d| {
+        let toml = d.join("pipeline.toml");
+        replace(
+            &toml,
+            "key = [\"event_date\", \"country\", \"segment\", \"event_type\"], sql = \"gold/daily_engagement_incremental.sql\"",
+            "key = [\"event_date\", \"nope\"], sql = \"gold/daily_engagement_incremental.sql\"",
+        );
+        replace(
+            &toml,
+            "sql = \"gold/daily_sales.sql\"",
+            "sql = \"gold/daily_sales.sql\"\nincremental = { key = [\"order_date\"], sql = \"gold/missing.sql\" }",
+        );
+        replace(
+            &toml,
+            "sql = \"gold/orders_priced.sql\"",
+            "sql = \"gold/orders_priced.sql\"\nincremental = { key = [\"order_id\"], sql = \"gold/orders_priced.sql\" }",
+        );
+        replace(
+            &toml,
+            "sql = \"gold/customer_360.sql\"",
+            "sql = \"gold/customer_360.sql\"\nincremental = { key = [\"customer_id\"], sql = \"gold/customer_360_incremental.sql\" }",
+        );
+        // A first step that plans, then a query that leaves columns and `_deleted` out.
+        std::fs::write(
+            d.join("gold/customer_360_incremental.sql"),
+            "CREATE TABLE c360_moved AS SELECT DISTINCT customer_id FROM changed.customers;\n\
+             SELECT customer_id, country FROM gold.customer_360\n\
+             WHERE customer_id IN (SELECT customer_id FROM c360_moved)",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("gold/daily_engagement_incremental.sql"),
+            "CREATE TABLE step AS SELECT * FROM changed.events;\nSELECT * FROM changed.nope",
+        )
+        .unwrap();
+    });
+    let (code, stderr) = validate(s.dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    for expected in [
+        "gold table 'daily_engagement': incremental key 'nope' is not produced by",
+        "daily_engagement_incremental.sql:2: ",
+        "changed.nope",
+        "gold table 'daily_sales': incremental names SQL file '",
+        "missing.sql', which is not found",
+        "gold view 'orders_priced': incremental applies to tables, and a view is never written",
+        "customer_360_incremental.sql) that does not return the columns segment, email_sha256,",
+        "customer_360_incremental.sql) that does not return a boolean column _deleted",
+    ] {
+        assert!(stderr.contains(expected), "{expected}\n{stderr}");
+    }
+}
+
+#[test]
 fn datafusion_settings_come_from_its_environment_over_medallions_defaults() {
     let key = "datafusion.execution.skip_partial_aggregation_probe_ratio_threshold";
     let setting = |env: &[(&str, &str)]| {

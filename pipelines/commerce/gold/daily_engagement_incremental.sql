@@ -14,97 +14,112 @@
 CREATE TABLE de_moved AS
 SELECT DISTINCT customer_id FROM changed.customers;
 
--- The affected events, once per side they are on (is_new: after the change), with their
--- customer's country and segment on that side.
+-- The affected events, with a count for each side (after the change, before it): every
+-- affected row counts 1 on its side, and an inserted event of a moved customer counts -1
+-- before, which takes back the 1 it has there as one of that customer's current events (so
+-- the events are read without their ids). Then each side with its customer's country and
+-- segment on that side (is_new: after).
+CREATE TABLE de_sides AS
+-- Every current event of a moved customer, after and before.
+SELECT e.event_date, e.event_type, e.customer_id, e.session_id, true AS moved,
+       1 AS after, 1 AS before
+FROM silver.events e
+JOIN de_moved m ON m.customer_id = e.customer_id
+UNION ALL
+-- Inserted events: after, for a customer that did not move; not before, for one that did.
+SELECT i.event_date, i.event_type, i.customer_id, i.session_id, m.customer_id IS NOT NULL,
+       CASE WHEN m.customer_id IS NULL THEN 1 ELSE 0 END,
+       CASE WHEN m.customer_id IS NULL THEN 0 ELSE -1 END
+FROM changed.events i
+LEFT JOIN de_moved m ON m.customer_id = i.customer_id
+WHERE i._change_type = 'insert'
+UNION ALL
+-- Deleted events: before.
+SELECT d.event_date, d.event_type, d.customer_id, d.session_id,
+       m.customer_id IS NOT NULL, 0, 1
+FROM changed.events d
+LEFT JOIN de_moved m ON m.customer_id = d.customer_id
+WHERE d._change_type = 'delete';
+
+-- Grouped as daily_engagement.sql groups them: a missing customer counts under UNKNOWN.
+-- After, every customer has its current row; before, a moved one had its deleted row (none:
+-- missing) and any other its current row.
 CREATE TABLE de_affected AS
-WITH sides AS (
-    -- Every event of a moved customer: after, and before too unless it was inserted.
-    SELECT e.event_date, e.event_type, e.customer_id, e.session_id, true AS moved,
-           true AS after, i.event_id IS NULL AS before
-    FROM silver.events e
-    JOIN de_moved m ON m.customer_id = e.customer_id
-    LEFT JOIN (SELECT event_id FROM changed.events WHERE _change_type = 'insert') i
-      ON i.event_id = e.event_id
-    UNION ALL
-    -- Inserted events of other customers: after alone.
-    SELECT c.event_date, c.event_type, c.customer_id, c.session_id, false, true, false
-    FROM changed.events c
-    WHERE c._change_type = 'insert'
-      AND NOT EXISTS (SELECT 1 FROM de_moved m WHERE m.customer_id = c.customer_id)
-    UNION ALL
-    -- Deleted events: before alone.
-    SELECT d.event_date, d.event_type, d.customer_id, d.session_id,
-           m.customer_id IS NOT NULL, false, true
-    FROM changed.events d
-    LEFT JOIN de_moved m ON m.customer_id = d.customer_id
-    WHERE d._change_type = 'delete'
-),
-attributed AS (
-    -- A customer that did not move has the same row on both sides; a moved one had its
-    -- deleted row before (none: missing), and has its current row after.
-    SELECT s.event_date, s.event_type, s.customer_id, s.session_id, side.is_new,
-           CASE WHEN side.is_new OR NOT s.moved THEN now.customer_id IS NOT NULL
-                ELSE was.customer_id IS NOT NULL END AS known,
-           CASE WHEN side.is_new OR NOT s.moved THEN now.country ELSE was.country END AS country,
-           CASE WHEN side.is_new OR NOT s.moved THEN now.segment ELSE was.segment END AS segment
-    FROM sides s
-    CROSS JOIN (VALUES (true), (false)) AS side(is_new)
-    LEFT JOIN silver.customers now ON now.customer_id = s.customer_id
-    LEFT JOIN (SELECT customer_id, country, segment FROM changed.customers
-               WHERE _change_type = 'delete') was
-      ON was.customer_id = s.customer_id
-    WHERE (side.is_new AND s.after) OR (NOT side.is_new AND s.before)
-)
--- As daily_engagement.sql groups them: a missing customer counts under UNKNOWN.
-SELECT event_date,
-       CASE WHEN known THEN coalesce(country, 'UNKNOWN') ELSE 'UNKNOWN' END AS country,
-       CASE WHEN known THEN segment ELSE 'UNKNOWN' END AS segment,
-       event_type, customer_id, session_id, is_new
-FROM attributed;
+SELECT s.event_date, coalesce(now.country, 'UNKNOWN') AS country,
+       CASE WHEN now.customer_id IS NULL THEN 'UNKNOWN' ELSE now.segment END AS segment,
+       s.event_type, s.customer_id, s.session_id, true AS is_new, s.after AS n
+FROM de_sides s
+LEFT JOIN silver.customers now ON now.customer_id = s.customer_id
+WHERE s.after <> 0
+UNION ALL
+SELECT s.event_date,
+       CASE WHEN s.moved THEN coalesce(was.country, 'UNKNOWN') ELSE coalesce(now.country, 'UNKNOWN') END,
+       CASE WHEN s.moved THEN (CASE WHEN was.customer_id IS NULL THEN 'UNKNOWN' ELSE was.segment END)
+            ELSE (CASE WHEN now.customer_id IS NULL THEN 'UNKNOWN' ELSE now.segment END) END,
+       s.event_type, s.customer_id, s.session_id, false, s.before
+FROM de_sides s
+LEFT JOIN silver.customers now ON now.customer_id = s.customer_id
+LEFT JOIN (SELECT customer_id, country, segment FROM changed.customers
+           WHERE _change_type = 'delete') was
+  ON was.customer_id = s.customer_id
+WHERE s.before <> 0;
 
 -- The (group, value) pairs of the affected events, each copy as daily_engagement.sql makes
--- them (its customer, its session), with the events that hold it after and before.
+-- them (its customer, its session), with the affected events that hold it after and before.
 CREATE TABLE de_pairs AS
 SELECT event_date, country, segment, event_type, k.is_customer,
        CASE WHEN k.is_customer THEN customer_id ELSE session_id END AS value,
-       count(*) FILTER (WHERE is_new) AS after,
-       count(*) FILTER (WHERE NOT is_new) AS before
+       sum(CASE WHEN is_new THEN n ELSE 0 END) AS after,
+       sum(CASE WHEN is_new THEN 0 ELSE n END) AS before
 FROM de_affected
 CROSS JOIN (VALUES (true), (false)) AS k(is_customer)
 GROUP BY 1, 2, 3, 4, 5, 6;
 
--- The pairs held on one side alone, that an unaffected event holds too: those stay. An
--- unaffected event is a current one that was not inserted and whose customer did not move
--- (so its customer's row is the current one on both sides).
+-- The pairs held on one side alone that an unaffected event holds too: those stay. The
+-- current events of such a pair are its affected ones (`after`) and its unaffected ones,
+-- so there is one of the latter when the current events outnumber `after`.
 CREATE TABLE de_held AS
 WITH probe AS (
-    SELECT DISTINCT event_date, event_type, is_customer, value
+    SELECT event_date, country, segment, event_type, is_customer, value, after
     FROM de_pairs
     WHERE value IS NOT NULL AND (after > 0) <> (before > 0)
 ),
-hits AS (
-    -- One join per copy: a join of the events with both copies at once, on a key that picks
-    -- the copy's column (CASE), lost that condition in planning and matched every value.
-    SELECT e.event_id, e.event_date, e.event_type, e.customer_id, true AS is_customer, p.value
+-- One join per copy: a join of the events with both copies at once, on a key that picks
+-- the copy's column (CASE), lost that condition in planning and matched every value.
+by_customer AS (
+    -- A moved customer's events are all affected: none of its pairs is probed.
+    SELECT e.event_date, e.event_type, e.customer_id AS value, count(*) AS current
     FROM silver.events e
-    JOIN probe p
+    JOIN (SELECT DISTINCT event_date, event_type, value FROM probe p
+          WHERE is_customer
+            AND NOT EXISTS (SELECT 1 FROM de_moved m WHERE m.customer_id = p.value)) p
       ON p.event_date = e.event_date AND p.event_type = e.event_type AND p.value = e.customer_id
-    WHERE p.is_customer
-    UNION ALL
-    SELECT e.event_id, e.event_date, e.event_type, e.customer_id, false, p.value
+    GROUP BY 1, 2, 3
+),
+by_session AS (
+    -- A session's events may have several customers, each in its own group.
+    SELECT e.event_date, e.event_type, e.session_id AS value,
+           coalesce(c.country, 'UNKNOWN') AS country,
+           CASE WHEN c.customer_id IS NULL THEN 'UNKNOWN' ELSE c.segment END AS segment,
+           count(*) AS current
     FROM silver.events e
-    JOIN probe p
+    JOIN (SELECT DISTINCT event_date, event_type, value FROM probe WHERE NOT is_customer) p
       ON p.event_date = e.event_date AND p.event_type = e.event_type AND p.value = e.session_id
-    WHERE NOT p.is_customer
+    LEFT JOIN silver.customers c ON c.customer_id = e.customer_id
+    GROUP BY 1, 2, 3, 4, 5
 )
-SELECT DISTINCT h.event_date, coalesce(c.country, 'UNKNOWN') AS country,
-       CASE WHEN c.customer_id IS NULL THEN 'UNKNOWN' ELSE c.segment END AS segment,
-       h.event_type, h.is_customer, h.value
-FROM hits h
-LEFT JOIN silver.customers c ON c.customer_id = h.customer_id
-WHERE NOT EXISTS (SELECT 1 FROM changed.events i
-                  WHERE i._change_type = 'insert' AND i.event_id = h.event_id)
-  AND NOT EXISTS (SELECT 1 FROM de_moved m WHERE m.customer_id = h.customer_id);
+SELECT p.event_date, p.country, p.segment, p.event_type, p.is_customer, p.value
+FROM probe p
+JOIN by_customer h
+  ON h.event_date = p.event_date AND h.event_type = p.event_type AND h.value = p.value
+WHERE p.is_customer AND h.current > p.after
+UNION ALL
+SELECT p.event_date, p.country, p.segment, p.event_type, p.is_customer, p.value
+FROM probe p
+JOIN by_session h
+  ON h.event_date = p.event_date AND h.event_type = p.event_type AND h.value = p.value
+ AND h.country = p.country AND (h.segment IS NOT DISTINCT FROM p.segment)
+WHERE NOT p.is_customer AND h.current > p.after;
 
 WITH events AS (
     -- Every affected group: each event counts once, in its customer's copy.
