@@ -263,7 +263,8 @@ pub struct GoldSpec {
 /// A gold table kept up to date from the rows of its inputs that changed, rather than
 /// rebuilt: when its silver inputs changed since its last build by at most a quarter of
 /// their rows, `sql` computes the new rows of the keys those changes touch, and the table
-/// keeps its rows of every other key. Before `rebuild_by`, which applies when this cannot.
+/// keeps its rows of every other key. When the model has `rebuild_by` too, that applies first
+/// (a batch of one date's events rebuilds that date), and this when it cannot.
 ///
 /// The query reads the lake's tables (this one as last built, under its own name), and the
 /// rows of each silver table the model reads that differ since that build as

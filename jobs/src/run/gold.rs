@@ -697,15 +697,15 @@ async fn run_model(
         summary.duration_ms = elapsed_ms(started);
         return Ok(Some(summary));
     }
-    let changes = match (&spec.incremental, &existing) {
-        (Some(incremental), Some(_)) if same_definition => {
-            changes_applied(run, incremental, &state.inputs, &inputs, opened).await?
+    let scope = match (&spec.rebuild_by, &existing) {
+        (Some(rebuild_by), Some(built)) if same_definition => {
+            scope_of_rebuild(run, rebuild_by, &df, built, &state.inputs, &inputs, opened).await?
         }
         _ => None,
     };
-    let scope = match (&spec.rebuild_by, &existing, &changes) {
-        (Some(rebuild_by), Some(built), None) if same_definition => {
-            scope_of_rebuild(run, rebuild_by, &df, built, &state.inputs, &inputs, opened).await?
+    let changes = match (&spec.incremental, &existing, &scope) {
+        (Some(incremental), Some(_), None) if same_definition => {
+            changes_applied(run, incremental, &state.inputs, &inputs, opened).await?
         }
         _ => None,
     };
