@@ -536,7 +536,6 @@ impl PartitionStream for SlicedModel {
 /// `None` when it cannot apply, and the table is built as without it: the model reads other
 /// tables than it did, or a changed input cannot be diffed (its old version is gone) or
 /// changed more than a quarter of the inputs' rows.
-#[allow(clippy::too_many_arguments)]
 async fn changes_applied(
     run: &RunContext<'_>,
     incremental: &Incremental,
@@ -705,23 +704,27 @@ async fn run_model(
     };
     let changes = match (&spec.incremental, &existing, &scope) {
         (Some(incremental), Some(_), None) if same_definition => {
-            changes_applied(run, incremental, &state.inputs, &inputs, opened).await?
+            changes_applied(run, incremental, &state.inputs, &inputs, opened)
+                .await?
+                .map(|rows| (incremental, rows))
         }
         _ => None,
     };
     let nothing_changed = match (&changes, &scope) {
-        (Some(changes), _) => changes
+        (Some((_, rows)), _) => rows
             .iter()
             .all(|b| b.num_rows() == 0)
-            .then(|| "key".to_string()),
-        (None, Some(scope)) => scope.is_empty().then(|| scope.column().to_string()),
+            .then(|| "the changed rows of its inputs touch no key".to_string()),
+        (None, Some(scope)) => scope
+            .is_empty()
+            .then(|| format!("no {} of its inputs changed", scope.column())),
         (None, None) => None,
     };
-    if let Some(what) = nothing_changed {
+    if let Some(why) = nothing_changed {
         // The changed inputs' new versions changed no row (a commit of metadata alone).
         state.inputs = inputs;
         put_typed(run.state(), &key, &state, version).await?;
-        summary.skipped = Some(format!("no {what} of its inputs changed"));
+        summary.skipped = Some(why);
         summary.delta_version = existing.as_ref().and_then(table::version);
         summary.duration_ms = elapsed_ms(started);
         return Ok(Some(summary));
@@ -732,7 +735,7 @@ async fn run_model(
     let seq = state.seq + 1;
     let mut keys_updated = None;
     let (source, replace_where) = match (changes, &scope, &spec.rebuild_by, &existing) {
-        (Some(changes), _, _, Some(built)) => {
+        (Some((incremental, changes)), _, _, Some(built)) => {
             let keys = changes.iter().map(|b| b.num_rows() as u64).sum::<u64>();
             tracing::info!(
                 table = name,
@@ -740,11 +743,6 @@ async fn run_model(
                 "updating only the keys its inputs' changed rows touched"
             );
             keys_updated = Some(keys);
-            let incremental = spec.incremental.as_ref().ok_or_else(|| {
-                JobError::from(datafusion::error::DataFusionError::Internal(
-                    "changes applied without incremental".into(),
-                ))
-            })?;
             (
                 with_changes(run, &name, &df, incremental, built, changes).await?,
                 None,
