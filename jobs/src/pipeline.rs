@@ -49,6 +49,10 @@ const BUILTIN: &[(&str, &[(&str, &str)])] = &[(
             include_str!("../../pipelines/commerce/silver/events.sql"),
         ),
         (
+            "gold/rate_by_hour.sql",
+            include_str!("../../pipelines/commerce/gold/rate_by_hour.sql"),
+        ),
+        (
             "gold/orders_priced.sql",
             include_str!("../../pipelines/commerce/gold/orders_priced.sql"),
         ),
@@ -63,6 +67,10 @@ const BUILTIN: &[(&str, &[(&str, &str)])] = &[(
         (
             "gold/customer_360_repriced.sql",
             include_str!("../../pipelines/commerce/gold/customer_360_repriced.sql"),
+        ),
+        (
+            "gold/customer_360_incremental.sql",
+            include_str!("../../pipelines/commerce/gold/customer_360_incremental.sql"),
         ),
         (
             "gold/daily_engagement.sql",
@@ -263,8 +271,9 @@ pub struct GoldSpec {
 /// A gold table kept up to date from the rows of its inputs that changed, rather than
 /// rebuilt: when its silver inputs changed since its last build by at most a quarter of
 /// their rows, `sql` computes the new rows of the keys those changes touch, and the table
-/// keeps its rows of every other key. When the model has `rebuild_by` too, that applies first
-/// (a batch of one date's events rebuilds that date), and this when it cannot.
+/// keeps its rows of every other key. With `rebuild_by` too, the cheaper applies: a rebuild
+/// by partition (a batch of one date's events rebuilds that date), else this, else a rebuild
+/// by key (which reads every row of its `from` tables).
 ///
 /// The query reads the lake's tables (this one as last built, under its own name), and the
 /// rows of each silver table the model reads that differ since that build as

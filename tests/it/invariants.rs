@@ -128,19 +128,19 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
         );
     }
     // daily_engagement (rebuild_by event_date from silver.events) rebuilt the dates of the
-    // batch's events alone; customer_360 (rebuild_by customer_id) the customers of its
-    // events alone: some, not all, and it still holds one row per customer.
+    // batch's events alone; customer_360 (incremental) updated the customers of its events
+    // alone: some, not all, and it still holds one row per customer.
     let rebuilt = gold("daily_engagement").partitions_rebuilt;
     assert!(
         rebuilt.is_some_and(|n| (1..=12).contains(&n)),
         "daily_engagement rebuilt {rebuilt:?} date partitions"
     );
     let c360 = gold("customer_360");
-    assert_eq!(c360.partitions_rebuilt, None);
-    let keys = c360.keys_rebuilt.expect("customer_360 was rebuilt whole");
+    assert_eq!((c360.partitions_rebuilt, c360.keys_rebuilt), (None, None));
+    let keys = c360.keys_updated.expect("customer_360 was rebuilt");
     assert!(
         (1..=12).contains(&keys),
-        "customer_360 rebuilt {keys} of {} customers",
+        "customer_360 updated {keys} of {} customers",
         c360.rows_written
     );
     assert_gold_equals_a_fresh_build(&lake).await;
@@ -157,10 +157,10 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
     );
     let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
     let c360 = gold_table(&summary, "customer_360");
-    let keys = c360.keys_rebuilt.expect("customer_360 was rebuilt whole");
+    let keys = c360.keys_updated.expect("customer_360 was rebuilt");
     assert!(
         (1..=6).contains(&keys),
-        "customer_360 rebuilt {keys} customers"
+        "customer_360 updated {keys} customers"
     );
     // Their events may move to other groups, on every date they fall on, so `rebuild_by`
     // cannot scope daily_engagement's rebuild: `incremental` updated those groups.
@@ -204,9 +204,9 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
     );
     let c360 = gold_table(&summary, "customer_360");
     assert_eq!(
-        c360.keys_rebuilt,
+        c360.keys_updated,
         Some(u64::try_from(repriced).unwrap()),
-        "customer_360 rebuilt other customers than the {repriced} repriced"
+        "customer_360 updated other customers than the {repriced} repriced"
     );
     assert_gold_equals_a_fresh_build(&lake).await;
 
@@ -222,11 +222,13 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
         }
     }
     let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
-    let engagement = gold_table(&summary, "daily_engagement");
-    assert!(
-        engagement.keys_updated.is_some_and(|n| n > 12),
-        "daily_engagement was not updated from the batch's changes: {engagement:?}"
-    );
+    for table in ["daily_engagement", "customer_360"] {
+        let t = gold_table(&summary, table);
+        assert!(
+            t.keys_updated.is_some_and(|n| n > 12),
+            "gold.{table} was not updated from the batch's changes: {t:?}"
+        );
+    }
     assert_gold_equals_a_fresh_build(&lake).await;
 }
 

@@ -696,11 +696,21 @@ async fn run_model(
         summary.duration_ms = elapsed_ms(started);
         return Ok(Some(summary));
     }
-    let scope = match (&spec.rebuild_by, &existing) {
-        (Some(rebuild_by), Some(built)) if same_definition => {
+    // Cheapest first: a rebuild of some partitions reads those alone; an incremental update
+    // reads the changed rows and what its script reads; a rebuild by key reads every row of
+    // its `from` tables.
+    let rebuilt_by = |by_partition: bool| {
+        spec.rebuild_by
+            .as_ref()
+            .filter(|r| spec.partition_by.contains(&r.column) == by_partition)
+            .zip(existing.as_ref())
+            .filter(|_| same_definition)
+    };
+    let mut scope = match rebuilt_by(true) {
+        Some((rebuild_by, built)) => {
             scope_of_rebuild(run, rebuild_by, &df, built, &state.inputs, &inputs, opened).await?
         }
-        _ => None,
+        None => None,
     };
     let changes = match (&spec.incremental, &existing, &scope) {
         (Some(incremental), Some(_), None) if same_definition => {
@@ -710,6 +720,10 @@ async fn run_model(
         }
         _ => None,
     };
+    if let (Some((rebuild_by, built)), None) = (rebuilt_by(false), &changes) {
+        scope =
+            scope_of_rebuild(run, rebuild_by, &df, built, &state.inputs, &inputs, opened).await?;
+    }
     let nothing_changed = match (&changes, &scope) {
         (Some((_, rows)), _) => rows
             .iter()
