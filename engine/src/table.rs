@@ -210,7 +210,7 @@ pub fn with_change_type(schema: &SchemaRef) -> SchemaRef {
 /// reads those files (each side through its version's vectors), not the table. An upsert
 /// that marks rows only gives a file a new deletion vector: of such a file, only the rows
 /// one vector removes and the other keeps are read (when its files store every column under
-/// its name: no partition or mapped columns). The rows to read with them; `None` when
+/// its name: no mapped columns). The rows to read with them; `None` when
 /// version `since` can no longer be loaded or is not older, or when the rows to read are
 /// more than `max_rows`.
 pub async fn rows_changed_since(
@@ -243,7 +243,7 @@ async fn changed_rows(
         schema = Arc::new(schema.project(&[schema.index_of(column)?])?);
     }
     let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-    let remarked: BTreeSet<String> = if stored_as_named(table, &names) {
+    let remarked: BTreeSet<String> = if unmapped(table) {
         let was: BTreeSet<&String> = removed.iter().map(|(path, _, _)| path).collect();
         added
             .iter()
@@ -298,13 +298,20 @@ pub(crate) fn stored_as_named(table: &DeltaTable, columns: &[String]) -> bool {
     let Ok(state) = table.snapshot() else {
         return false;
     };
-    let unmapped = state
-        .snapshot()
-        .table_properties()
-        .column_mapping_mode
-        .is_none_or(|mode| mode == ColumnMappingMode::None);
     let partition_columns = state.metadata().partition_columns();
-    unmapped && columns.iter().all(|c| !partition_columns.contains(c))
+    unmapped(table) && columns.iter().all(|c| !partition_columns.contains(c))
+}
+
+/// Whether `table` maps no column to another name: its files hold each column that is not
+/// a partition column under its own name, and the log the partition values.
+fn unmapped(table: &DeltaTable) -> bool {
+    table.snapshot().is_ok_and(|state| {
+        state
+            .snapshot()
+            .table_properties()
+            .column_mapping_mode
+            .is_none_or(|mode| mode == ColumnMappingMode::None)
+    })
 }
 
 /// The rows of the `added` files (read at `now`) that no `removed` file holds (read at
@@ -457,20 +464,29 @@ async fn read_rows(
         table: table.table_url().to_string(),
         reason,
     };
-    let files: HashMap<String, (object_store::path::Path, u64)> = table
+    let state = table
         .snapshot()
-        .map_err(|e| EngineError::delta(table.table_url(), e))?
+        .map_err(|e| EngineError::delta(table.table_url(), e))?;
+    let partition_columns = state.metadata().partition_columns();
+    // Each file's location, size and partition values (which the log holds, not the file).
+    type StoredFile = (
+        object_store::path::Path,
+        u64,
+        HashMap<String, Option<String>>,
+    );
+    let files: HashMap<String, StoredFile> = state
         .log_data()
         .iter()
         .map(|f| {
             let size = u64::try_from(f.size()).unwrap_or(0);
-            (f.path().into_owned(), (f.object_store_path(), size))
+            let values = f.partition_values_map().into_iter().collect();
+            (f.path().into_owned(), (f.object_store_path(), size, values))
         })
         .collect();
     let store = table.log_store().object_store(None);
     let mut batches = Vec::new();
     for (path, rows) in positions.iter().filter(|(_, rows)| !rows.is_empty()) {
-        let Some((location, size)) = files.get(path) else {
+        let Some((location, size, values)) = files.get(path) else {
             return Err(unreadable(format!(
                 "{path} is not a data file of the table"
             )));
@@ -482,7 +498,11 @@ async fn read_rows(
             selectors.push(RowSelector::select(1));
             next = row + 1;
         }
-        let columns = schema.fields().iter().map(|f| f.name().as_str());
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .filter(|c| !partition_columns.iter().any(|p| p == c));
         let read: Vec<RecordBatch> = read_stored_columns(
             Arc::clone(&store),
             location,
@@ -499,10 +519,15 @@ async fn read_rows(
                 .fields()
                 .iter()
                 .map(|f| {
-                    let stored = batch.column_by_name(f.name()).ok_or_else(|| {
-                        unreadable(format!("{path} holds no column {}", f.name()))
-                    })?;
-                    Ok(cast(stored, f.data_type()).map_err(DataFusionError::from)?)
+                    let stored = if partition_columns.contains(f.name()) {
+                        let value = values.get(f.name()).cloned().flatten();
+                        Arc::new(StringArray::from(vec![value; batch.num_rows()])) as _
+                    } else {
+                        Arc::clone(batch.column_by_name(f.name()).ok_or_else(|| {
+                            unreadable(format!("{path} holds no column {}", f.name()))
+                        })?)
+                    };
+                    Ok(cast(&stored, f.data_type()).map_err(DataFusionError::from)?)
                 })
                 .collect::<Result<Vec<_>>>()?;
             batches.push(

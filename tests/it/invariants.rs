@@ -172,31 +172,12 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
     assert_gold_equals_a_fresh_build(&lake).await;
 
     // One FX hour sent again, later and with another EUR rate (customer_360 reads the rates
-    // whole): its `through` query names the customers with an order, in a currency that hour
-    // rates, at or after it, and only they are rebuilt.
-    let hours = files_in(&source.landing().join("fx_rates").join("batch-0009"));
-    let hour_file = &hours[hours.len() - 24];
-    let name = hour_file.file_name().expect("file name").to_string_lossy();
-    let resent = std::fs::read_to_string(hour_file)
-        .expect("read")
-        .replacen(":00:00Z\"", ":30:00Z\"", 1)
-        .replacen("\"EUR\": ", "\"EUR\": 1", 1);
-    let to = lake.landing().join("fx_rates").join("batch-0010");
-    std::fs::create_dir_all(&to).expect("mkdir");
-    std::fs::write(to.join(&*name), resent).expect("write");
+    // whole): only the customers with an order, in a currency that hour rates, at or after
+    // it, have their order figures computed again.
+    let hour = resend_an_fx_hour(&source, &lake);
     let summary = run_all_ok(&lake.landing(), &lake.lake()).await;
-    // fx-2026-03-21T05.json is the rates of 2026-03-21 05:00 UTC.
-    let hour = name[3..16].replacen('T', " ", 1) + ":00:00";
     let ctx = lake_session(&lake.lake()).await;
-    let repriced = scalar(
-        &ctx,
-        &format!(
-            "SELECT count(DISTINCT o.customer_id) FROM silver.orders o \
-             JOIN silver.fx_rates r ON r.currency = o.currency AND r.rate_hour = TIMESTAMP '{hour}' \
-             WHERE o.order_ts >= r.rate_hour"
-        ),
-    )
-    .await;
+    let repriced = repriced_customers(&lake, &hour).await;
     let customers = scalar(&ctx, "SELECT count(*) FROM silver.customers").await;
     assert!(
         repriced > 0 && repriced * 2 <= customers,
@@ -229,6 +210,77 @@ async fn a_micro_batch_rebuilds_only_the_gold_models_dates_and_customers_it_touc
             "gold.{table} was not updated from the batch's changes: {t:?}"
         );
     }
+    assert_gold_equals_a_fresh_build(&lake).await;
+}
+
+/// Lands one FX hour of batch 9 again in batch 10, half an hour later and with another EUR
+/// rate, and returns that hour (`2026-03-21 05:00:00`).
+fn resend_an_fx_hour(source: &Scratch, lake: &Scratch) -> String {
+    let hours = files_in(&source.landing().join("fx_rates").join("batch-0009"));
+    let hour_file = &hours[hours.len() - 24];
+    let name = hour_file.file_name().expect("file name").to_string_lossy();
+    let resent = std::fs::read_to_string(hour_file)
+        .expect("read")
+        .replacen(":00:00Z\"", ":30:00Z\"", 1)
+        .replacen("\"EUR\": ", "\"EUR\": 1", 1);
+    let to = lake.landing().join("fx_rates").join("batch-0010");
+    std::fs::create_dir_all(&to).expect("mkdir");
+    std::fs::write(to.join(&*name), resent).expect("write");
+    // fx-2026-03-21T05.json is the rates of 2026-03-21 05:00 UTC.
+    name[3..16].replacen('T', " ", 1) + ":00:00"
+}
+
+/// The customers with an order, in a currency the rates of `hour` list, at or after it.
+async fn repriced_customers(lake: &Scratch, hour: &str) -> i64 {
+    scalar(
+        &lake_session(&lake.lake()).await,
+        &format!(
+            "SELECT count(DISTINCT o.customer_id) FROM silver.orders o \
+             JOIN silver.fx_rates r ON r.currency = o.currency AND r.rate_hour = TIMESTAMP '{hour}' \
+             WHERE o.order_ts >= r.rate_hour"
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_incremental_a_keyed_rebuild_takes_a_changed_rate_through_its_query() {
+    let source = generated(10);
+    let pipeline_dir = Scratch::new();
+    copy_tree(&commerce_dir(), pipeline_dir.dir.path());
+    let pipeline = pipeline_dir.dir.path().join("pipeline.toml");
+    replace_in_file(
+        &pipeline,
+        "incremental = { key = [\"customer_id\"], sql = \"gold/customer_360_incremental.sql\" }",
+        "",
+    );
+    let lake = Scratch::new();
+    for b in 1..=9 {
+        land_batch(&source.landing(), &lake.landing(), &format!("batch-{b:04}"));
+    }
+    let run = || medallion_ok(&local_run_args(&pipeline, &lake.landing(), &lake.lake()));
+    run();
+    // customer_360 reads the rates whole: its `through` query names the customers a changed
+    // hour can reprice, and only they are rebuilt.
+    let hour = resend_an_fx_hour(&source, &lake);
+    let summary = run();
+    let repriced = repriced_customers(&lake, &hour).await;
+    let c360 = summary["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .find(|t| t["layer"] == "gold" && t["table"] == "customer_360")
+        .cloned()
+        .expect("customer_360 in the summary");
+    assert!(
+        repriced > 0,
+        "no customer has an order the rates of {hour} price"
+    );
+    assert_eq!(
+        (c360["keys_rebuilt"].as_i64(), c360["keys_updated"].as_i64()),
+        (Some(repriced), None),
+        "{c360}"
+    );
     assert_gold_equals_a_fresh_build(&lake).await;
 }
 
@@ -368,6 +420,7 @@ async fn a_model_whose_sql_changed_is_rebuilt_though_its_inputs_did_not() {
         assert!(gold(table)["skipped"].is_null(), "{summary}");
         assert!(gold(table)["rows_written"].as_u64() > Some(0));
         assert!(gold(table)["keys_rebuilt"].is_null(), "{summary}");
+        assert!(gold(table)["keys_updated"].is_null(), "{summary}");
     }
     assert!(gold("daily_engagement")["skipped"].is_string(), "{summary}");
     let fresh = Scratch::new();

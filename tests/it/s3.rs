@@ -162,7 +162,7 @@ async fn commerce_on_s3_with_state_in_dynamodb_equals_the_local_run() {
     for batch in ["batch-0001", "batch-0002", "batch-0003-events"] {
         if batch == "batch-0003-events" {
             // A micro-batch of events alone: customer_360 reads the rows that changed from
-            // the files silver events rewrote on S3 and rebuilds only their customers.
+            // the files silver events rewrote on S3 and updates only their customers.
             let staging = tempfile::tempdir().expect("tmp");
             land_first_lines(&w.generated, staging.path(), "events", "batch-0003", 8);
             upload_tree(staging.path(), &landing).await;
@@ -176,7 +176,7 @@ async fn commerce_on_s3_with_state_in_dynamodb_equals_the_local_run() {
         if batch == "batch-0003-events" {
             let c360 = summary.tables.iter().find(|t| t.table == "customer_360");
             assert!(
-                c360.and_then(|t| t.keys_rebuilt)
+                c360.and_then(|t| t.keys_updated)
                     .is_some_and(|k| (1..=8).contains(&k)),
                 "{}",
                 summary.to_json_line()
