@@ -194,11 +194,8 @@ pub async fn sql_with_table(
     df: datafusion::prelude::DataFrame,
     sql: &str,
 ) -> Result<datafusion::prelude::DataFrame> {
-    ctx.deregister_table(name)?;
-    ctx.register_table(name, df.into_view())?;
-    let planned = ctx.sql(sql).await;
-    ctx.deregister_table(name)?;
-    Ok(planned?)
+    let table = vec![(datafusion::common::TableReference::bare(name), df)];
+    with_tables(ctx, table, async || Ok(ctx.sql(sql).await?)).await
 }
 
 /// Plans `sql`, a script of statements separated by `;`. Every statement but the last creates

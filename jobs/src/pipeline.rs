@@ -320,8 +320,8 @@ pub struct RebuildBy {
 }
 
 /// A table a keyed rebuild reads whole, and how its changes map to keys: a SQL file whose
-/// query reads the table's rows that changed (their old and their new versions) as
-/// `changed`, and returns one column, the values of `column` whose rows those rows can
+/// query reads the table's rows that changed (their old and their new versions, told apart
+/// by `_change_type`: `delete`, `insert`) as `changed`, and returns one column, the values of `column` whose rows those rows can
 /// change. It may read the other tables as the model does; the values it leaves out are
 /// not rebuilt, so it must name every one (more does no harm).
 #[derive(Debug, Clone, Deserialize)]

@@ -387,13 +387,15 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                     )),
                     (Some(schema), Ok(sql)) => {
                         // The query reads the changed rows as a table of their own.
-                        ctx.deregister_table(CHANGED_ROWS)?;
-                        ctx.register_table(
-                            CHANGED_ROWS,
-                            Arc::new(MemTable::try_new(Arc::clone(schema), vec![vec![]])?),
-                        )?;
-                        let planned = ctx.sql(sql).await;
-                        ctx.deregister_table(CHANGED_ROWS)?;
+                        let empty =
+                            MemTable::try_new(table::with_change_type(schema), vec![vec![]])?;
+                        let changed = vec![(
+                            TableReference::bare(CHANGED_ROWS),
+                            ctx.read_table(Arc::new(empty))?,
+                        )];
+                        let planned =
+                            session::with_tables(&ctx, changed, async || Ok(ctx.sql(sql).await))
+                                .await?;
                         match planned {
                             Err(e) => {
                                 c.sql_issue(&through.sql, &e);
@@ -480,9 +482,6 @@ async fn check_incremental(
     if incremental.key.is_empty() {
         problems.push("key names no column".to_string());
     }
-    let model = ctx
-        .table(TableReference::partial("gold", name.as_str()))
-        .await;
     let read = match pipeline.sql(&g.sql) {
         Ok(sql) => crate::run::tables_read(ctx.sql(sql).await?.logical_plan()),
         Err(_) => Default::default(),
@@ -511,7 +510,7 @@ async fn check_incremental(
             "names SQL file '{}', which is not found",
             pipeline.sql_label(&incremental.sql)
         )),
-        Ok(sql) if model.is_ok() => {
+        Ok(sql) => {
             let planned = session::with_tables(ctx, changed, async || {
                 Ok(session::sql_script(ctx, sql).await)
             })
@@ -533,11 +532,9 @@ async fn check_incremental(
                             missing.join(", ")
                         ));
                     }
-                    if returned
+                    if !returned
                         .field_with_unqualified_name(DELETED)
-                        .map_or(true, |f| {
-                            f.data_type() != &arrow::datatypes::DataType::Boolean
-                        })
+                        .is_ok_and(|f| f.data_type() == &arrow::datatypes::DataType::Boolean)
                     {
                         problems.push(format!(
                             "has a query ({}) that does not return a boolean column {DELETED}",
@@ -547,7 +544,6 @@ async fn check_incremental(
                 }
             }
         }
-        Ok(_) => {}
     }
     for problem in problems {
         c.at(at, format!("gold table '{name}': incremental {problem}"));

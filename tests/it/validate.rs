@@ -251,11 +251,6 @@ fn an_incremental_query_that_cannot_update_its_table_is_reported() {
             "sql = \"gold/orders_priced.sql\"",
             "sql = \"gold/orders_priced.sql\"\nincremental = { key = [\"order_id\"], sql = \"gold/orders_priced.sql\" }",
         );
-        replace(
-            &toml,
-            "sql = \"gold/customer_360.sql\"",
-            "sql = \"gold/customer_360.sql\"\nincremental = { key = [\"customer_id\"], sql = \"gold/customer_360_incremental.sql\" }",
-        );
         // A first step that plans, then a query that leaves columns and `_deleted` out.
         std::fs::write(
             d.join("gold/customer_360_incremental.sql"),
