@@ -209,8 +209,8 @@ pub fn with_change_type(schema: &SchemaRef) -> SchemaRef {
 /// holds (inserts), and the other way round (deletes). A MERGE rewrites whole files, so this
 /// reads those files (each side through its version's vectors), not the table. An upsert
 /// that marks rows only gives a file a new deletion vector: of such a file, only the rows
-/// one vector removes and the other keeps are read (when its files store every column under
-/// its name: no mapped columns). The rows to read with them; `None` when
+/// one vector removes and the other keeps are read (when the table maps no column to another
+/// name; a partition column's value comes from the log). The rows to read with them; `None` when
 /// version `since` can no longer be loaded or is not older, or when the rows to read are
 /// more than `max_rows`.
 pub async fn rows_changed_since(
