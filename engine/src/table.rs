@@ -198,10 +198,17 @@ pub const CHANGE_INSERT: &str = "insert";
 pub const CHANGE_DELETE: &str = "delete";
 
 /// `schema` with [`CHANGE_TYPE`] after its columns: the rows of [`rows_changed_since`].
-pub fn with_change_type(schema: &SchemaRef) -> SchemaRef {
+fn with_change_type(schema: &SchemaRef) -> SchemaRef {
     let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
     fields.push(Arc::new(Field::new(CHANGE_TYPE, DataType::Utf8, false)));
     Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// No rows, as [`rows_changed_since`] gives them for a table of columns `schema`: what a query
+/// over the changed rows reads of a table that did not change, or is planned against.
+pub fn no_rows_changed(ctx: &SessionContext, schema: &SchemaRef) -> Result<DataFrame> {
+    let empty = MemTable::try_new(with_change_type(schema), vec![vec![]])?;
+    Ok(ctx.read_table(Arc::new(empty))?)
 }
 
 /// The rows that differ between version `since` of `table` and its loaded version, each

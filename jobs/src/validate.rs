@@ -3,7 +3,7 @@
 //! from its source, silver and gold from the plans before them), so a typo in a column name
 //! fails here and not half-way through a run.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
@@ -271,6 +271,8 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
         tables.push(("silver".to_string(), s.quarantine_table(), q_schema));
     }
 
+    // The lake tables each model with `incremental` reads, for its check below.
+    let mut read_by_model = BTreeMap::new();
     for g in &spec.gold {
         let name = g.table.get_ref().clone();
         let at = g.table.span().start;
@@ -298,6 +300,9 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
             }
         };
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        if g.incremental.is_some() {
+            read_by_model.insert(name.clone(), crate::run::tables_read(df.logical_plan()));
+        }
         for (what, col) in g
             .partition_by
             .iter()
@@ -387,11 +392,9 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
                     )),
                     (Some(schema), Ok(sql)) => {
                         // The query reads the changed rows as a table of their own.
-                        let empty =
-                            MemTable::try_new(table::with_change_type(schema), vec![vec![]])?;
                         let changed = vec![(
                             TableReference::bare(CHANGED_ROWS),
-                            ctx.read_table(Arc::new(empty))?,
+                            table::no_rows_changed(&ctx, schema)?,
                         )];
                         let planned =
                             session::with_tables(&ctx, changed, async || Ok(ctx.sql(sql).await))
@@ -432,8 +435,10 @@ pub async fn validate(pipeline: &Pipeline) -> Result<Validated, JobError> {
     }
 
     for g in &pipeline.spec.gold {
-        if let Some(incremental) = &g.incremental {
-            check_incremental(&ctx, &mut c, g, incremental, &tables).await?;
+        if let (Some(incremental), Some(read)) =
+            (&g.incremental, read_by_model.get(g.table.get_ref()))
+        {
+            check_incremental(&ctx, &mut c, g, incremental, read, &tables).await?;
         }
     }
 
@@ -453,6 +458,7 @@ async fn check_incremental(
     c: &mut Checker<'_>,
     g: &GoldSpec,
     incremental: &Incremental,
+    read: &BTreeSet<String>,
     tables: &[(String, String, SchemaRef)],
 ) -> Result<(), JobError> {
     let pipeline = c.pipeline;
@@ -460,13 +466,13 @@ async fn check_incremental(
     let at = g.table.span().start;
     let mut problems = Vec::new();
     let Some((_, _, schema)) = tables.iter().find(|(l, n, _)| l == "gold" && n == name) else {
-        // A view, or a model whose SQL failed (reported already).
-        if g.kind == GoldKind::View {
-            problems.push("applies to tables, and a view is never written".to_string());
-        }
-        for problem in problems {
-            c.at(at, format!("gold view '{name}': incremental {problem}"));
-        }
+        // Every planned model but a view has its table's schema there.
+        c.at(
+            at,
+            format!(
+                "gold view '{name}': incremental applies to tables, and a view is never written"
+            ),
+        );
         return Ok(());
     };
     for key in incremental
@@ -482,23 +488,16 @@ async fn check_incremental(
     if incremental.key.is_empty() {
         problems.push("key names no column".to_string());
     }
-    let read = match pipeline.sql(&g.sql) {
-        Ok(sql) => crate::run::tables_read(ctx.sql(sql).await?.logical_plan()),
-        Err(_) => Default::default(),
-    };
     let mut changed = Vec::new();
-    for t in &read {
+    for t in read {
         match t
             .strip_prefix("silver.")
             .and_then(|n| tables.iter().find(|(l, m, _)| l == "silver" && m == n))
         {
-            Some((_, n, schema)) => {
-                let empty = MemTable::try_new(table::with_change_type(schema), vec![vec![]])?;
-                changed.push((
-                    TableReference::partial(CHANGED_SCHEMA, n.as_str()),
-                    ctx.read_table(Arc::new(empty))?,
-                ));
-            }
+            Some((_, n, schema)) => changed.push((
+                TableReference::partial(CHANGED_SCHEMA, n.as_str()),
+                table::no_rows_changed(ctx, schema)?,
+            )),
             None => problems.push(format!(
                 "reads changes of silver tables alone, and {} reads {t}",
                 pipeline.sql_label(&g.sql)

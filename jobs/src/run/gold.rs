@@ -12,7 +12,6 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
 use datafusion::common::{Column, JoinType, NullEquality, TableReference};
-use datafusion::datasource::MemTable;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::functions::expr_fn::coalesce;
 use datafusion::logical_expr::{
@@ -250,23 +249,14 @@ async fn scope_of_rebuild(
         / 4;
     let mut changed = Vec::new();
     for (since, source, through) in sources {
-        // A file removed since may be gone already (a VACUUM): then rebuild the whole table.
         let read = match through {
             Some(through) => keys_through(run, through, source, since, budget).await,
             None => table::values_changed_since(&run.ctx, source, since, column, budget)
                 .await
                 .map_err(JobError::from),
         };
-        let batches = match read {
-            Ok(Some((batches, rows))) => {
-                budget -= rows;
-                batches
-            }
-            Ok(None) => return Ok(None),
-            Err(error) => {
-                tracing::warn!(%error, table = %source.table_url(), "cannot read the rows that changed; rebuilding the whole table");
-                return Ok(None);
-            }
+        let Some(batches) = charged(read, &mut budget, source) else {
+            return Ok(None);
         };
         for b in batches {
             let values = arrow::compute::cast(b.column(0), &key_type)
@@ -286,6 +276,28 @@ async fn scope_of_rebuild(
         keys,
         count,
     }))
+}
+
+/// What a read of the rows of `source` that changed since a build gave, its rows taken off
+/// `budget`; `None` when it read nothing to go by (more rows than the budget, or a version
+/// no longer loadable) or failed, which only means the table is rebuilt whole (a file
+/// removed since may be gone already, after a VACUUM).
+fn charged<T>(
+    read: Result<Option<(T, u64)>, JobError>,
+    budget: &mut u64,
+    source: &DeltaTable,
+) -> Option<T> {
+    match read {
+        Ok(Some((rows, count))) => {
+            *budget -= count;
+            Some(rows)
+        }
+        Ok(None) => None,
+        Err(error) => {
+            tracing::warn!(%error, table = %source.table_url(), "cannot read the rows that changed; rebuilding the whole table");
+            None
+        }
+    }
 }
 
 /// The values of the rebuild's column that the rows of `source` changed since version
@@ -572,20 +584,13 @@ async fn changes_applied(
                 .table_provider(TableReference::partial(Layer::Silver.as_str(), name))
                 .await?
                 .schema();
-            let empty = MemTable::try_new(table::with_change_type(&schema), vec![vec![]])?;
-            run.ctx.read_table(Arc::new(empty))?
+            table::no_rows_changed(&run.ctx, &schema)?
         } else {
-            match table::rows_changed_since(&run.ctx, source, since, budget).await {
-                Ok(Some((rows, read))) => {
-                    budget -= read;
-                    rows
-                }
-                Ok(None) => return Ok(None),
-                Err(error) => {
-                    tracing::warn!(%error, table = %source.table_url(), "cannot read the rows that changed; rebuilding the whole table");
-                    return Ok(None);
-                }
-            }
+            let read = table::rows_changed_since(&run.ctx, source, since, budget).await;
+            let Some(rows) = charged(read.map_err(JobError::from), &mut budget, source) else {
+                return Ok(None);
+            };
+            rows
         };
         changed.push((TableReference::partial(CHANGED_SCHEMA, name), rows));
     }
