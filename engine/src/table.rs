@@ -7,10 +7,15 @@ use buoyant_kernel::table_features::ColumnMappingMode;
 use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::runtime::SpawnedTask;
 use datafusion::common::{DataFusionError, TableReference};
 use datafusion::datasource::MemTable;
+use datafusion::datasource::TableType;
 use datafusion::execution::SessionState;
+use datafusion::logical_expr::Expr;
 use datafusion::parquet::arrow::arrow_reader::{RowSelection, RowSelector};
+use datafusion::physical_plan::ExecutionPlan;
 // Deprecated in parquet 59 in favour of a reader of one's own; it is still the one that
 // reads a projection of a file by ranges from any object store.
 #[allow(deprecated)]
@@ -18,7 +23,7 @@ use datafusion::parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecor
 use datafusion::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use datafusion::prelude::{DataFrame, SessionContext, lit};
 use deltalake::{DeltaTable, DeltaTableBuilder};
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use url::Url;
 
 use crate::error::{EngineError, Result};
@@ -278,20 +283,12 @@ async fn changed_rows(
     if rows > max_rows {
         return Ok(None);
     }
-    let tagged = with_change_type(&schema);
-    let mut flipped = Vec::new();
-    for (positions, side) in [(&unmarked, CHANGE_INSERT), (&marked, CHANGE_DELETE)] {
-        for batch in read_rows(table, positions, &schema).await? {
-            let sides = Arc::new(StringArray::from(vec![side; batch.num_rows()]));
-            let mut columns = batch.columns().to_vec();
-            columns.push(sides);
-            flipped.push(
-                RecordBatch::try_new(Arc::clone(&tagged), columns)
-                    .map_err(DataFusionError::from)?,
-            );
-        }
-    }
-    let flipped = ctx.read_table(Arc::new(MemTable::try_new(tagged, vec![flipped])?))?;
+    let flipped = RowsAtPositions::new(
+        table,
+        [(unmarked, CHANGE_INSERT), (marked, CHANGE_DELETE)],
+        Arc::clone(&schema),
+    )?;
+    let flipped = ctx.read_table(Arc::new(flipped))?;
     let differing = match differing_rows(ctx, &before, table, &removed, &added, &names).await? {
         Some(whole) => whole.union(flipped)?,
         None => flipped,
@@ -457,71 +454,199 @@ pub(crate) async fn keep_masks(
         .collect()
 }
 
-/// The rows at `positions` of each data file of `table` they name, as `schema` (its columns
-/// read by name from the files, and cast to its types).
-async fn read_rows(
-    table: &DeltaTable,
-    positions: &BTreeMap<String, Vec<u64>>,
-    schema: &SchemaRef,
-) -> Result<Vec<RecordBatch>> {
-    if positions.values().all(Vec::is_empty) {
-        return Ok(Vec::new());
-    }
-    let unreadable = |reason: String| EngineError::UnreadableTable {
-        table: table.table_url().to_string(),
-        reason,
-    };
-    let state = table
-        .snapshot()
-        .map_err(|e| EngineError::delta(table.table_url(), e))?;
-    let partition_columns = state.metadata().partition_columns();
-    // Each file's location, size and partition values (which the log holds, not the file).
-    type StoredFile = (
-        object_store::path::Path,
-        u64,
-        HashMap<String, Option<String>>,
-    );
-    let files: HashMap<String, StoredFile> = state
-        .log_data()
-        .iter()
-        .map(|f| {
-            let size = u64::try_from(f.size()).unwrap_or(0);
-            let values = f.partition_values_map().into_iter().collect();
-            (f.path().into_owned(), (f.object_store_path(), size, values))
-        })
-        .collect();
-    let store = table.log_store().object_store(None);
-    let mut batches = Vec::new();
-    for (path, rows) in positions.iter().filter(|(_, rows)| !rows.is_empty()) {
-        let Some((location, size, values)) = files.get(path) else {
-            return Err(unreadable(format!(
-                "{path} is not a data file of the table"
-            )));
-        };
-        let mut selectors = Vec::new();
-        let mut next = 0u64;
-        for &row in rows {
-            selectors.push(RowSelector::skip((row - next) as usize));
-            selectors.push(RowSelector::select(1));
-            next = row + 1;
-        }
-        let columns = schema
-            .fields()
+/// A data file as [`RowsAtPositions`] reads it: its location, size and partition values
+/// (which the log holds, not the file).
+type StoredFile = (
+    object_store::path::Path,
+    u64,
+    HashMap<String, Option<String>>,
+);
+
+/// Data files read at once, each by a task of its own: decoding is CPU work, and futures
+/// polled in one task share one core.
+pub(crate) const FILES_READ_AT_ONCE: usize = 8;
+
+/// Rows of data files picked by position (see [`flipped_rows`]), each side tagged with its
+/// [`CHANGE_TYPE`]. They are read when a query scans them, and then only the columns it
+/// reads: a batch of re-sent orders flips rows in every file of silver orders, and a query
+/// that reads their customers alone need not decode their other columns.
+#[derive(Debug)]
+struct RowsAtPositions {
+    url: String,
+    store: Arc<dyn object_store::ObjectStore>,
+    files: Arc<HashMap<String, StoredFile>>,
+    partition_columns: Arc<Vec<String>>,
+    sides: [(BTreeMap<String, Vec<u64>>, &'static str); 2],
+    /// The table's columns and [`CHANGE_TYPE`], last.
+    schema: SchemaRef,
+}
+
+impl RowsAtPositions {
+    fn new(
+        table: &DeltaTable,
+        sides: [(BTreeMap<String, Vec<u64>>, &'static str); 2],
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        let state = table
+            .snapshot()
+            .map_err(|e| EngineError::delta(table.table_url(), e))?;
+        let files = state
+            .log_data()
             .iter()
-            .map(|f| f.name().as_str())
-            .filter(|c| !partition_columns.iter().any(|p| p == c));
-        let read: Vec<RecordBatch> = read_stored_columns(
-            Arc::clone(&store),
-            location,
-            *size,
-            columns,
-            Some(RowSelection::from(selectors)),
-        )
-        .await?
-        .try_collect()
-        .await
-        .map_err(DataFusionError::from)?;
-        for batch in read {
+            .filter(|f| {
+                sides
+                    .iter()
+                    .any(|(side, _)| side.contains_key(f.path().as_ref()))
+            })
+            .map(|f| {
+                let size = u64::try_from(f.size()).unwrap_or(0);
+                let values = f.partition_values_map().into_iter().collect();
+                (f.path().into_owned(), (f.object_store_path(), size, values))
+            })
+            .collect();
+        Ok(Self {
+            url: table.table_url().to_string(),
+            store: table.log_store().object_store(None),
+            files: Arc::new(files),
+            partition_columns: Arc::new(state.metadata().partition_columns().to_vec()),
+            sides,
+            schema: with_change_type(&schema),
+        })
+    }
+
+    /// The rows at `positions` of each file they name, as `schema` (a projection of the
+    /// table's columns, read by name from the files and cast to its types).
+    async fn read(
+        &self,
+        positions: &BTreeMap<String, Vec<u64>>,
+        schema: &SchemaRef,
+    ) -> Result<Vec<RecordBatch>> {
+        let reads = positions
+            .iter()
+            .filter(|(_, rows)| !rows.is_empty())
+            .map(|(path, rows)| {
+                let Some(file) = self.files.get(path).cloned() else {
+                    return Err(EngineError::UnreadableTable {
+                        table: self.url.clone(),
+                        reason: format!("{path} is not a data file of the table"),
+                    });
+                };
+                let read = read_file_rows(
+                    Arc::clone(&self.store),
+                    self.url.clone(),
+                    path.clone(),
+                    file,
+                    rows.clone(),
+                    Arc::clone(&self.partition_columns),
+                    Arc::clone(schema),
+                );
+                Ok(async move {
+                    SpawnedTask::spawn(read)
+                        .join_unwind()
+                        .await
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?
+                })
+            });
+        let read: Vec<Vec<RecordBatch>> = futures::stream::iter(reads.collect::<Result<Vec<_>>>()?)
+            .buffered(FILES_READ_AT_ONCE)
+            .try_collect()
+            .await?;
+        Ok(read.into_iter().flatten().collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for RowsAtPositions {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let side_at = self.schema.fields().len() - 1;
+        let wanted: Vec<usize> = projection
+            .cloned()
+            .unwrap_or_else(|| (0..self.schema.fields().len()).collect());
+        let mut data: Vec<usize> = wanted.iter().copied().filter(|&i| i != side_at).collect();
+        data.sort_unstable();
+        data.dedup();
+        // A count of rows reads one column: rows are read by column.
+        if data.is_empty() {
+            data.push(0);
+        }
+        let data_schema = Arc::new(self.schema.project(&data)?);
+        let read_schema = with_change_type(&data_schema);
+        let mut batches = Vec::new();
+        for (positions, side) in &self.sides {
+            let read = self.read(positions, &data_schema).await;
+            for batch in read.map_err(|e| DataFusionError::External(Box::new(e)))? {
+                let mut columns = batch.columns().to_vec();
+                columns.push(Arc::new(StringArray::from(vec![*side; batch.num_rows()])));
+                batches.push(RecordBatch::try_new(Arc::clone(&read_schema), columns)?);
+            }
+        }
+        let indices: Vec<usize> = wanted
+            .iter()
+            .map(|&i| {
+                if i == side_at {
+                    data.len()
+                } else {
+                    data.iter().position(|&d| d == i).unwrap_or_default()
+                }
+            })
+            .collect();
+        MemTable::try_new(read_schema, vec![batches])?
+            .scan(state, Some(&indices), filters, limit)
+            .await
+    }
+}
+
+/// The rows `rows` (positions, in order) of the data file `path` of the table at `url`, as
+/// `schema`: its columns read by name from the file, a partition column's value from the log,
+/// each cast to the schema's type.
+async fn read_file_rows(
+    store: Arc<dyn object_store::ObjectStore>,
+    url: String,
+    path: String,
+    (location, size, values): StoredFile,
+    rows: Vec<u64>,
+    partition_columns: Arc<Vec<String>>,
+    schema: SchemaRef,
+) -> Result<Vec<RecordBatch>> {
+    let mut selectors = Vec::new();
+    let mut next = 0u64;
+    for row in rows {
+        selectors.push(RowSelector::skip((row - next) as usize));
+        selectors.push(RowSelector::select(1));
+        next = row + 1;
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .filter(|c| !partition_columns.iter().any(|p| p == c));
+    let read: Vec<RecordBatch> = read_stored_columns(
+        store,
+        &location,
+        size,
+        columns,
+        Some(RowSelection::from(selectors)),
+    )
+    .await?
+    .try_collect()
+    .await
+    .map_err(DataFusionError::from)?;
+    read.into_iter()
+        .map(|batch| {
             let columns = schema
                 .fields()
                 .iter()
@@ -531,18 +656,21 @@ async fn read_rows(
                         Arc::new(StringArray::from(vec![value; batch.num_rows()])) as _
                     } else {
                         Arc::clone(batch.column_by_name(f.name()).ok_or_else(|| {
-                            unreadable(format!("{path} holds no column {}", f.name()))
+                            EngineError::UnreadableTable {
+                                table: url.clone(),
+                                reason: format!("{path} holds no column {}", f.name()),
+                            }
                         })?)
                     };
                     Ok(cast(&stored, f.data_type()).map_err(DataFusionError::from)?)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            batches.push(
-                RecordBatch::try_new(Arc::clone(schema), columns).map_err(DataFusionError::from)?,
-            );
-        }
-    }
-    Ok(batches)
+            Ok(
+                RecordBatch::try_new(Arc::clone(&schema), columns)
+                    .map_err(DataFusionError::from)?,
+            )
+        })
+        .collect()
 }
 
 /// Columns `columns` of the data file at `location` (`size` bytes), as the file stores them,

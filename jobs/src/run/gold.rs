@@ -586,10 +586,16 @@ async fn changes_applied(
                 .schema();
             table::no_rows_changed(&run.ctx, &schema)?
         } else {
+            let reading = Instant::now();
             let read = table::rows_changed_since(&run.ctx, source, since, budget).await;
             let Some(rows) = charged(read.map_err(JobError::from), &mut budget, source) else {
                 return Ok(None);
             };
+            tracing::debug!(
+                table = qualified,
+                ms = elapsed_ms(reading),
+                "changed rows found"
+            );
             rows
         };
         changed.push((TableReference::partial(CHANGED_SCHEMA, name), rows));

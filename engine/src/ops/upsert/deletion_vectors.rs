@@ -21,6 +21,7 @@ use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::DataFusionError;
+use datafusion::common::runtime::SpawnedTask;
 use datafusion::prelude::DataFrame;
 use deltalake::DeltaTable;
 use deltalake::delta_datafusion::DataFusionMixins as _;
@@ -73,13 +74,15 @@ struct Candidate {
 }
 
 /// What a stored file's rows are looked up in: the incoming rows, by key, and their keep-rule
-/// columns in row form (none without a rule).
-#[derive(Clone, Copy)]
-struct Probe<'a> {
-    source: &'a RecordBatch,
-    by_key: &'a HashMap<&'a [u8], u32>,
-    key_converter: &'a RowConverter,
-    order: Option<(&'a RowConverter, &'a Rows)>,
+/// columns in row form (none without a rule). Owned, so that each file is read by a task of
+/// its own: decoding a file is CPU work, and futures polled in one task share one core.
+struct Probe {
+    source: RecordBatch,
+    keys: Vec<String>,
+    winner_order: Vec<String>,
+    by_key: HashMap<Box<[u8]>, u32>,
+    key_converter: RowConverter,
+    order: Option<(RowConverter, Rows)>,
 }
 
 /// A stored row with the key of an incoming row.
@@ -104,34 +107,47 @@ impl MarkingUpsert<'_> {
         let key_converter = converter(&source, self.keys)?;
         let source_keys = key_converter.convert_columns(&columns(&source, self.keys)?)?;
         // No keep rule (`keep = "any"`: the copies of a key are alike): the stored row stays.
-        let order_converter = match self.winner_order {
+        let order = match self.winner_order {
             [] => None,
-            order => Some(converter(&source, order)?),
+            order => {
+                let converter = converter(&source, order)?;
+                let rows = converter.convert_columns(&columns(&source, order)?)?;
+                Some((converter, rows))
+            }
         };
-        let source_order = match &order_converter {
-            Some(c) => Some(c.convert_columns(&columns(&source, self.winner_order)?)?),
-            None => None,
-        };
-        let by_key: HashMap<&[u8], u32> = (0..source_keys.num_rows())
-            .map(|i| (source_keys.row(i).data(), i as u32))
+        let by_key: HashMap<Box<[u8]>, u32> = (0..source_keys.num_rows())
+            .map(|i| (source_keys.row(i).data().into(), i as u32))
             .collect();
 
         let candidates = self.candidates(&table, &source, &session).await?;
         let store = table.log_store().object_store(None);
-        let probe = Probe {
-            source: &source,
-            by_key: &by_key,
-            key_converter: &key_converter,
-            order: order_converter.as_ref().zip(source_order.as_ref()),
-        };
+        let probe = Arc::new(Probe {
+            source,
+            keys: self.keys.to_vec(),
+            winner_order: self.winner_order.to_vec(),
+            by_key,
+            key_converter,
+            order,
+        });
         let found: Vec<Vec<Match>> = futures::stream::iter(candidates.iter().enumerate())
             .map(|(file, candidate)| {
-                let store = Arc::clone(&store);
-                async move { self.matches_in(store, candidate, file, probe).await }
+                let (store, probe) = (Arc::clone(&store), Arc::clone(&probe));
+                let (path, size, deleted) = (
+                    candidate.path.clone(),
+                    candidate.size,
+                    candidate.deleted.clone(),
+                );
+                async move {
+                    SpawnedTask::spawn(matches_in(store, path, size, deleted, file, probe))
+                        .join_unwind()
+                        .await
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?
+                }
             })
             .buffer_unordered(FILES_READ_AT_ONCE)
             .try_collect()
             .await?;
+        let source = &probe.source;
 
         // An incoming row replaces what it matches only when it beats every stored row with
         // its key (one, unless the table already held duplicates).
@@ -274,77 +290,75 @@ impl MarkingUpsert<'_> {
         }
         Ok(candidates)
     }
+}
 
-    /// The stored rows of one file whose key an incoming row has, each with whether the
-    /// incoming row beats it. Rows its deletion vector removes are not looked at.
-    async fn matches_in(
-        &self,
-        store: Arc<dyn ObjectStore>,
-        candidate: &Candidate,
-        file: usize,
-        probe: Probe<'_>,
-    ) -> Result<Vec<Match>> {
-        let Probe {
-            source,
-            by_key,
-            key_converter,
-            order,
-        } = probe;
-        let wanted = self
-            .keys
-            .iter()
-            .chain(self.winner_order)
-            .map(String::as_str);
-        let mut stream =
-            crate::table::read_stored_columns(store, &candidate.path, candidate.size, wanted, None)
-                .await?;
-        let mut deleted = candidate.deleted.iter().copied().peekable();
-        let mut matches = Vec::new();
-        let mut offset = 0u64;
-        while let Some(batch) = stream.try_next().await.map_err(DataFusionError::from)? {
-            let keys = key_converter.convert_columns(&cast_like(&batch, source, self.keys)?)?;
-            let mut hits: Vec<(u32, u64, u32)> = Vec::new();
-            for i in 0..batch.num_rows() {
-                let row_index = offset + i as u64;
-                while deleted.next_if(|&d| d < row_index).is_some() {}
-                if deleted.next_if_eq(&row_index).is_some() {
-                    continue;
-                }
-                if let Some(&source_row) = by_key.get(keys.row(i).data()) {
-                    hits.push((source_row, row_index, i as u32));
-                }
-            }
-            offset += batch.num_rows() as u64;
-            if hits.is_empty() {
+/// The stored rows of the file at `path` (`size` bytes) whose key an incoming row has, each
+/// with whether the incoming row beats it. Rows its deletion vector removes (`deleted`, row
+/// indexes in order) are not looked at.
+async fn matches_in(
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+    deleted: Vec<u64>,
+    file: usize,
+    probe: Arc<Probe>,
+) -> Result<Vec<Match>> {
+    let Probe {
+        source,
+        keys: key_names,
+        winner_order,
+        by_key,
+        key_converter,
+        order,
+    } = probe.as_ref();
+    let wanted = key_names.iter().chain(winner_order).map(String::as_str);
+    let mut stream = crate::table::read_stored_columns(store, &path, size, wanted, None).await?;
+    let mut deleted = deleted.into_iter().peekable();
+    let mut matches = Vec::new();
+    let mut offset = 0u64;
+    while let Some(batch) = stream.try_next().await.map_err(DataFusionError::from)? {
+        let keys = key_converter.convert_columns(&cast_like(&batch, source, key_names)?)?;
+        let mut hits: Vec<(u32, u64, u32)> = Vec::new();
+        for i in 0..batch.num_rows() {
+            let row_index = offset + i as u64;
+            while deleted.next_if(|&d| d < row_index).is_some() {}
+            if deleted.next_if_eq(&row_index).is_some() {
                 continue;
             }
-            let Some((order_converter, source_order)) = order else {
-                matches.extend(hits.into_iter().map(|(source_row, row_index, _)| Match {
-                    source_row,
-                    file,
-                    row_index,
-                    source_wins: false,
-                }));
-                continue;
-            };
-            let at = UInt32Array::from_iter_values(hits.iter().map(|h| h.2));
-            let stored_order = cast_like(&batch, source, self.winner_order)?
-                .iter()
-                .map(|c| take(c.as_ref(), &at, None))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            let stored_order = order_converter.convert_columns(&stored_order)?;
-            for (n, (source_row, row_index, _)) in hits.into_iter().enumerate() {
-                matches.push(Match {
-                    source_row,
-                    file,
-                    row_index,
-                    // Equal tuples keep the stored row.
-                    source_wins: source_order.row(source_row as usize) > stored_order.row(n),
-                });
+            if let Some(&source_row) = by_key.get(keys.row(i).data()) {
+                hits.push((source_row, row_index, i as u32));
             }
         }
-        Ok(matches)
+        offset += batch.num_rows() as u64;
+        if hits.is_empty() {
+            continue;
+        }
+        let Some((order_converter, source_order)) = order else {
+            matches.extend(hits.into_iter().map(|(source_row, row_index, _)| Match {
+                source_row,
+                file,
+                row_index,
+                source_wins: false,
+            }));
+            continue;
+        };
+        let at = UInt32Array::from_iter_values(hits.iter().map(|h| h.2));
+        let stored_order = cast_like(&batch, source, winner_order)?
+            .iter()
+            .map(|c| take(c.as_ref(), &at, None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let stored_order = order_converter.convert_columns(&stored_order)?;
+        for (n, (source_row, row_index, _)) in hits.into_iter().enumerate() {
+            matches.push(Match {
+                source_row,
+                file,
+                row_index,
+                // Equal tuples keep the stored row.
+                source_wins: source_order.row(source_row as usize) > stored_order.row(n),
+            });
+        }
     }
+    Ok(matches)
 }
 
 /// A row converter over `names` of `batch`, ordering nulls before any value, as the keep
