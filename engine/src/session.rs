@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
-use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::memory_pool::{MemoryLimit, MemoryPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 
@@ -242,12 +242,16 @@ pub async fn sql_script(
                     )));
                 }
             };
+            if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &plan {
+                analyze(&state, &name.to_string(), create.input.as_ref()).await?;
+            }
             let started = std::time::Instant::now();
             ctx.execute_logical_plan(plan).await?;
             tracing::debug!(step = %name, ms = started.elapsed().as_millis() as u64, "SQL script step run");
             created.push(name);
         }
         let plan = state.statement_to_plan(last).await?;
+        analyze(&state, "the last statement", &plan).await?;
         ctx.execute_logical_plan(plan).await
     }
     .await;
@@ -255,6 +259,25 @@ pub async fn sql_script(
         ctx.deregister_table(name)?;
     }
     planned
+}
+
+/// At trace level, runs `plan` (a step of [`sql_script`]) once more under EXPLAIN ANALYZE and
+/// logs its physical plan with each operator's rows and time: where a step's time goes.
+async fn analyze(
+    state: &SessionState,
+    step: &str,
+    plan: &datafusion::logical_expr::LogicalPlan,
+) -> datafusion::error::Result<()> {
+    if !tracing::enabled!(tracing::Level::TRACE) {
+        return Ok(());
+    }
+    let explained = datafusion::prelude::DataFrame::new(state.clone(), plan.clone())
+        .explain(false, true)?
+        .collect()
+        .await?;
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&explained)?;
+    tracing::trace!(step, plan = %text, "SQL script step analyzed");
+    Ok(())
 }
 
 /// Runs `body` with each of `tables` registered under its name (making its schema when the

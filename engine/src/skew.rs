@@ -154,14 +154,7 @@ impl BroadcastSmallBuildSide {
         if *join.partition_mode() != PartitionMode::Partitioned || join.null_aware {
             return Ok(Transformed::no(node));
         }
-        let rows_of = |side: &Arc<dyn ExecutionPlan>| -> Result<Option<usize>> {
-            let stats = StatisticsContext::new().compute(side.as_ref(), &StatisticsArgs::new())?;
-            Ok(match stats.num_rows {
-                Precision::Exact(rows) => Some(rows),
-                Precision::Inexact(rows) if scans_a_delta_table_whole(side) => Some(rows),
-                Precision::Inexact(_) | Precision::Absent => None,
-            })
-        };
+        let rows_of = rows_at_most;
         let small = |rows: Option<usize>| rows.filter(|&r| r <= self.max_rows);
         // The build side must be the small one; when only the probe side is known to be
         // small (the other is a join or an aggregate without statistics), swap them.
@@ -191,24 +184,63 @@ impl BroadcastSmallBuildSide {
     }
 }
 
-/// Whether `plan` passes on every row of a Delta table scan unfiltered. Such a scan counts its
-/// rows inexactly when deletion vectors remove some (delta-rs reports the rows its files
-/// hold, so that `count(*)` does not answer from them), but that count is still an upper
-/// bound, which is all a broadcast needs. An estimate of a filter's output is not one.
-fn scans_a_delta_table_whole(plan: &Arc<dyn ExecutionPlan>) -> bool {
+/// At most how many rows `plan` outputs, when a bound is known: an exact count; the rows of
+/// a Delta table scan (delta-rs counts them inexactly when deletion vectors remove some, so
+/// that `count(*)` does not answer from them, but they are still a bound); or the bound of
+/// the input of an operator that never adds rows (a filter, a projection, an aggregation, a
+/// semi or anti join: its kept side; a union: the sum of its inputs'). An estimate of a
+/// filter's output is not a bound (DataFusion guesses a fifth of the rows), but its input's
+/// rows are: a step of an incremental update that filters and groups a few hundred thousand
+/// changed rows is then broadcast, and the 29.7 M events it is joined with are not shuffled.
+fn rows_at_most(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<usize>> {
+    use datafusion::common::JoinType;
+    use datafusion::physical_plan::aggregates::AggregateExec;
     use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
     use datafusion::physical_plan::projection::ProjectionExec;
-    use datafusion::physical_plan::repartition::RepartitionExec;
+    use datafusion::physical_plan::sorts::sort::SortExec;
+    use datafusion::physical_plan::union::UnionExec;
+    let stats = StatisticsContext::new().compute(plan.as_ref(), &StatisticsArgs::new())?;
     let node = plan.as_ref();
-    if node.is::<deltalake::delta_datafusion::DeltaScanExec>() {
-        return true;
+    match stats.num_rows {
+        Precision::Exact(rows) => return Ok(Some(rows)),
+        Precision::Inexact(rows) if node.is::<deltalake::delta_datafusion::DeltaScanExec>() => {
+            return Ok(Some(rows));
+        }
+        _ => {}
     }
-    let passes_every_row = node.is::<ProjectionExec>()
+    let children = node.children();
+    if node.is::<UnionExec>() {
+        let mut total = 0usize;
+        for child in children {
+            let Some(rows) = rows_at_most(child)? else {
+                return Ok(None);
+            };
+            total = total.saturating_add(rows);
+        }
+        return Ok(Some(total));
+    }
+    if let Some(join) = node.downcast_ref::<HashJoinExec>() {
+        return match join.join_type() {
+            JoinType::LeftSemi | JoinType::LeftAnti => rows_at_most(join.left()),
+            JoinType::RightSemi | JoinType::RightAnti => rows_at_most(join.right()),
+            _ => Ok(None),
+        };
+    }
+    let never_adds_rows = node.is::<FilterExec>()
+        || node.is::<ProjectionExec>()
+        || node.is::<AggregateExec>()
         || node.is::<RepartitionExec>()
-        || node.is::<CoalescePartitionsExec>();
-    match node.children().as_slice() {
-        [child] if passes_every_row => scans_a_delta_table_whole(child),
-        _ => false,
+        || node.is::<CoalescePartitionsExec>()
+        || node.is::<SortExec>()
+        || node.is::<GlobalLimitExec>()
+        || node.is::<LocalLimitExec>()
+        || node.is::<combine::HotGroupCombineExec>();
+    match children.as_slice() {
+        // An aggregation without groups outputs one row, whatever its input.
+        [child] if never_adds_rows => Ok(rows_at_most(child)?.map(|rows| rows.max(1))),
+        _ => Ok(None),
     }
 }
 
@@ -585,11 +617,28 @@ mod tests {
     #[tokio::test]
     async fn a_side_whose_count_is_only_estimated_is_not_broadcast() -> Result<()> {
         // DataFusion estimates the filter keeps a fifth of the facts (800 rows, under the
-        // limit); it keeps two thirds. The other side, an aggregation, has no count at all.
+        // limit); it keeps two thirds, and its input's 4,000 rows are over the limit. The
+        // other side aggregates a join, whose rows nothing bounds.
         let sql = "SELECT f.k, d.n, f.v FROM (SELECT * FROM facts WHERE v % 3 <> 1) f \
-                   JOIN (SELECT k, count(*) AS n FROM dim GROUP BY k) d ON d.k = f.k";
+                   JOIN (SELECT a.k, count(*) AS n FROM dim a JOIN dim b ON a.k = b.k GROUP BY a.k) d \
+                   ON d.k = f.k";
         let (rows, _, plan) = joined_rows(1000, None, sql).await?;
         assert_eq!(rows, 2667);
+        assert!(plan.contains("mode=Partitioned"), "{plan}");
+        Ok(())
+    }
+
+    /// A filter or an aggregation never outputs more rows than it reads: a side built from
+    /// a small table by them is broadcast, whatever DataFusion estimates of its output.
+    #[tokio::test]
+    async fn a_side_bounded_by_its_input_is_broadcast() -> Result<()> {
+        let sql = "SELECT f.k, d.n, f.v FROM facts f \
+                   JOIN (SELECT k, count(*) AS n FROM dim WHERE k <> 'k1' GROUP BY k) d ON d.k = f.k";
+        let (rows, _, plan) = joined_rows(1000, None, sql).await?;
+        let (all, _, _) = joined_rows(0, None, sql).await?;
+        assert_eq!(rows, all);
+        assert!(plan.contains("mode=CollectLeft"), "{plan}");
+        let (_, _, plan) = joined_rows(99, None, sql).await?;
         assert!(plan.contains("mode=Partitioned"), "{plan}");
         Ok(())
     }
