@@ -221,8 +221,9 @@ pub fn no_rows_changed(ctx: &SessionContext, schema: &SchemaRef) -> Result<DataF
 /// holds (inserts), and the other way round (deletes). A MERGE rewrites whole files, so this
 /// reads those files (each side through its version's vectors), not the table. An upsert
 /// that marks rows only gives a file a new deletion vector: of such a file, only the rows
-/// one vector removes and the other keeps are read (when the table maps no column to another
-/// name; a partition column's value comes from the log). The rows to read with them; `None` when
+/// one vector removes and the other keeps are read, when a query scans them and only the
+/// columns it reads (when the table maps no column to another name; a partition column's
+/// value comes from the log). The rows to read with them; `None` when
 /// version `since` can no longer be loaded or is not older, or when the rows to read are
 /// more than `max_rows`.
 pub async fn rows_changed_since(
@@ -548,9 +549,19 @@ type StoredFile = (
     HashMap<String, Option<String>>,
 );
 
-/// Data files read at once, each by a task of its own: decoding is CPU work, and futures
-/// polled in one task share one core.
+/// Data files read at once, each by a task of its own ([`on_own_task`]).
 pub(crate) const FILES_READ_AT_ONCE: usize = 8;
+
+/// Runs `work` as a task of its own and waits for it. Decoding a file is CPU work, and
+/// futures polled in one task (as `buffered` polls them) share one core.
+pub(crate) async fn on_own_task<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    SpawnedTask::spawn(work)
+        .join_unwind()
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))?
+}
 
 /// Rows of data files picked by position (see [`flipped_rows`]), each side tagged with its
 /// [`CHANGE_TYPE`]. They are read when a query scans them, and then only the columns it
@@ -626,12 +637,7 @@ impl RowsAtPositions {
                     Arc::clone(&self.partition_columns),
                     Arc::clone(schema),
                 );
-                Ok(async move {
-                    SpawnedTask::spawn(read)
-                        .join_unwind()
-                        .await
-                        .map_err(|e| DataFusionError::External(Box::new(e)))?
-                })
+                Ok(on_own_task(read))
             });
         let read: Vec<Vec<RecordBatch>> = futures::stream::iter(reads.collect::<Result<Vec<_>>>()?)
             .buffered(FILES_READ_AT_ONCE)

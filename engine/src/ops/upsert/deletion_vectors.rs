@@ -21,7 +21,6 @@ use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::DataFusionError;
-use datafusion::common::runtime::SpawnedTask;
 use datafusion::prelude::DataFrame;
 use deltalake::DeltaTable;
 use deltalake::delta_datafusion::DataFusionMixins as _;
@@ -34,15 +33,13 @@ use url::Url;
 
 use super::super::{AppTransaction, AppendBuilder, CommitMetrics};
 use crate::error::{EngineError, Result};
+use crate::table::{FILES_READ_AT_ONCE, on_own_task};
 
 /// Data files a partition may gather, on average, before an upsert compacts the table.
 /// Marking adds a file to every partition a batch touches, where a MERGE rewrote the file
 /// there: a batch of re-sent orders spread over 90 dates adds 90 small files. Compaction
 /// rewrites them (and the rows their deletion vectors remove) once every few batches.
 const FILES_PER_PARTITION_BEFORE_COMPACTION: usize = 8;
-
-/// Data files read at once while looking for matches.
-const FILES_READ_AT_ONCE: usize = 8;
 
 /// The table property that has delta-rs raise the protocol to the deletion vector feature.
 const ENABLE_DELETION_VECTORS: &str = "delta.enableDeletionVectors";
@@ -137,12 +134,7 @@ impl MarkingUpsert<'_> {
                     candidate.size,
                     candidate.deleted.clone(),
                 );
-                async move {
-                    SpawnedTask::spawn(matches_in(store, path, size, deleted, file, probe))
-                        .join_unwind()
-                        .await
-                        .map_err(|e| DataFusionError::External(Box::new(e)))?
-                }
+                on_own_task(matches_in(store, path, size, deleted, file, probe))
             })
             .buffer_unordered(FILES_READ_AT_ONCE)
             .try_collect()
