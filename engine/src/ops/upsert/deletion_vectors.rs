@@ -158,7 +158,7 @@ impl MarkingUpsert<'_> {
         let rows_updated = (0..source.num_rows())
             .filter(|&i| matched[i] && beaten[i])
             .count() as u64;
-        let written = filter_record_batch(&source, &BooleanArray::from(beaten))?;
+        let written = filter_record_batch(source, &BooleanArray::from(beaten))?;
 
         let mut staged = AppendBuilder::new(url.clone(), source.schema())
             .with_partition_columns(self.partition_columns.iter().cloned());
