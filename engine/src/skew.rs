@@ -228,9 +228,12 @@ fn rows_at_most(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<usize>> {
             _ => Ok(None),
         };
     }
+    // Grouping sets (ROLLUP, CUBE) output a row per set a group is in.
     let never_adds_rows = node.is::<FilterExec>()
         || node.is::<ProjectionExec>()
-        || node.is::<AggregateExec>()
+        || node
+            .downcast_ref::<AggregateExec>()
+            .is_some_and(|a| a.group_expr().is_single())
         || node.is::<RepartitionExec>()
         || node.is::<CoalescePartitionsExec>()
         || node.is::<SortExec>()
@@ -639,6 +642,11 @@ mod tests {
         assert_eq!(rows, all);
         assert!(plan.contains("mode=CollectLeft"), "{plan}");
         let (_, _, plan) = joined_rows(99, None, sql).await?;
+        assert!(plan.contains("mode=Partitioned"), "{plan}");
+        // Grouping sets output a row per set a group is in: more rows than they read.
+        let cube = "SELECT f.k, d.n, f.v FROM facts f \
+                    JOIN (SELECT k, name, count(*) AS n FROM dim GROUP BY CUBE (k, name)) d ON d.k = f.k";
+        let (_, _, plan) = joined_rows(1000, None, cube).await?;
         assert!(plan.contains("mode=Partitioned"), "{plan}");
         Ok(())
     }

@@ -564,9 +564,9 @@ pub(crate) async fn on_own_task<T: Send + 'static>(
 }
 
 /// Rows of data files picked by position (see [`flipped_rows`]), each side tagged with its
-/// [`CHANGE_TYPE`]. They are read when a query scans them, and then only the columns it
-/// reads: a batch of re-sent orders flips rows in every file of silver orders, and a query
-/// that reads their customers alone need not decode their other columns.
+/// [`CHANGE_TYPE`]. They are read when a query's scan of them is planned, and then only the
+/// columns it reads: a batch of re-sent orders flips rows in every file of silver orders, and
+/// a query that reads their customers alone need not decode their other columns.
 #[derive(Debug)]
 struct RowsAtPositions {
     url: String,

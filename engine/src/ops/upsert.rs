@@ -595,6 +595,58 @@ mod tests {
         assert_eq!(changed, ["k0001", "k0003", "new1", "new2"]);
         // Of the first file, only its two rows marked since: not its 1,000 rows twice.
         assert!(rows_read < 10, "{rows_read} rows read");
+        // The rows a vector flipped are read when scanned, only the columns read: here the
+        // side alone, then the key of one side.
+        let (rows, _) = crate::table::rows_changed_since(&ctx, &table, since_first, u64::MAX)
+            .await
+            .unwrap()
+            .unwrap();
+        ctx.register_table("changed_t", rows.into_view()).unwrap();
+        let sides = ctx
+            .sql("SELECT _change_type || '=' || CAST(count(*) AS VARCHAR) FROM changed_t GROUP BY _change_type ORDER BY 1")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(texts(&sides, 0), ["delete=2", "insert=4"]);
+        let deleted = ctx
+            .sql("SELECT k FROM changed_t WHERE _change_type = 'delete' ORDER BY k")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(texts(&deleted, 0), ["k0001", "k0003"]);
+        ctx.deregister_table("changed_t").unwrap();
+
+        // delta-rs reads a table with vectors in one partition; it is registered as a scan of
+        // a share of its files per target partition, which read the same rows.
+        let split = crate::session::new_session(&crate::session::SessionOptions {
+            target_partitions: Some(4),
+            ..Default::default()
+        })
+        .unwrap();
+        let plan = query_table(&split, &url, "EXPLAIN SELECT k FROM silver.t").await;
+        let plan = datafusion::arrow::util::pretty::pretty_format_batches(&plan)
+            .unwrap()
+            .to_string();
+        assert!(now.len() >= 2, "{now:?}");
+        assert_eq!(
+            plan.matches("DeltaScanExec").count(),
+            now.len().min(4),
+            "{plan}"
+        );
+        let counted = query_table(
+            &split,
+            &url,
+            "SELECT count(*), count(DISTINCT k) FROM silver.t",
+        )
+        .await;
+        assert_eq!(
+            (first_i64(&counted, 0), first_i64(&counted, 1)),
+            (1002, 1002)
+        );
 
         let out = query_table(
             &ctx,
