@@ -603,7 +603,10 @@ mod tests {
             .unwrap();
         ctx.register_table("changed_t", rows.into_view()).unwrap();
         let sides = ctx
-            .sql("SELECT _change_type || '=' || CAST(count(*) AS VARCHAR) FROM changed_t GROUP BY _change_type ORDER BY 1")
+            .sql(
+                "SELECT side FROM (SELECT _change_type || '=' || CAST(count(*) AS VARCHAR) AS side \
+                 FROM changed_t GROUP BY _change_type) ORDER BY side",
+            )
             .await
             .unwrap()
             .collect()
