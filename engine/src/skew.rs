@@ -154,11 +154,10 @@ impl BroadcastSmallBuildSide {
         if *join.partition_mode() != PartitionMode::Partitioned || join.null_aware {
             return Ok(Transformed::no(node));
         }
-        let rows_of = rows_at_most;
         let small = |rows: Option<usize>| rows.filter(|&r| r <= self.max_rows);
         // The build side must be the small one; when only the probe side is known to be
         // small (the other is a join or an aggregate without statistics), swap them.
-        let (broadcast, build_rows) = if let Some(rows) = small(rows_of(join.left())?) {
+        let (broadcast, build_rows) = if let Some(rows) = small(rows_at_most(join.left())?) {
             let plan = join
                 .builder()
                 .with_partition_mode(PartitionMode::CollectLeft)
@@ -167,7 +166,7 @@ impl BroadcastSmallBuildSide {
         } else if let Some(rows) = join
             .join_type()
             .supports_swap()
-            .then(|| rows_of(join.right()))
+            .then(|| rows_at_most(join.right()))
             .transpose()?
             .and_then(small)
         {

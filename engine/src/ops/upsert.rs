@@ -456,6 +456,11 @@ mod tests {
         crate::table::register_table(ctx, "silver", "t", &table)
             .await
             .unwrap();
+        sql_rows(ctx, sql).await
+    }
+
+    /// The rows of `sql` run in `ctx`.
+    async fn sql_rows(ctx: &datafusion::prelude::SessionContext, sql: &str) -> Vec<RecordBatch> {
         ctx.sql(sql).await.unwrap().collect().await.unwrap()
     }
 
@@ -602,24 +607,18 @@ mod tests {
             .unwrap()
             .unwrap();
         ctx.register_table("changed_t", rows.into_view()).unwrap();
-        let sides = ctx
-            .sql(
-                "SELECT side FROM (SELECT _change_type || '=' || CAST(count(*) AS VARCHAR) AS side \
-                 FROM changed_t GROUP BY _change_type) ORDER BY side",
-            )
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let sides = sql_rows(
+            &ctx,
+            "SELECT side FROM (SELECT _change_type || '=' || CAST(count(*) AS VARCHAR) AS side \
+             FROM changed_t GROUP BY _change_type) ORDER BY side",
+        )
+        .await;
         assert_eq!(texts(&sides, 0), ["delete=2", "insert=4"]);
-        let deleted = ctx
-            .sql("SELECT k FROM changed_t WHERE _change_type = 'delete' ORDER BY k")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let deleted = sql_rows(
+            &ctx,
+            "SELECT k FROM changed_t WHERE _change_type = 'delete' ORDER BY k",
+        )
+        .await;
         assert_eq!(texts(&deleted, 0), ["k0001", "k0003"]);
         ctx.deregister_table("changed_t").unwrap();
 
