@@ -242,6 +242,7 @@ pub async fn sql_script(
                     )));
                 }
             };
+            let plan = fold_scalar_subqueries(&state, plan).await?;
             if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &plan {
                 analyze(&state, &name.to_string(), create.input.as_ref()).await?;
             }
@@ -251,6 +252,7 @@ pub async fn sql_script(
             created.push(name);
         }
         let plan = state.statement_to_plan(last).await?;
+        let plan = fold_scalar_subqueries(&state, plan).await?;
         analyze(&state, "the last statement", &plan).await?;
         ctx.execute_logical_plan(plan).await
     }
@@ -259,6 +261,82 @@ pub async fn sql_script(
         ctx.deregister_table(name)?;
     }
     planned
+}
+
+/// Works out each uncorrelated scalar subquery in a filter of `plan` and puts its value in its
+/// place, as Spark runs such a subquery before the query that reads it. DataFusion plans it as
+/// a join instead, so `WHERE order_date >= (SELECT min(day) FROM changed)` pruned nothing and
+/// read every partition; as a literal, the filter reaches the table's scan, which skips the
+/// partitions before it. A subquery of no rows is NULL; one of several rows is an error, as it
+/// is in DataFusion.
+async fn fold_scalar_subqueries(
+    state: &SessionState,
+    plan: datafusion::logical_expr::LogicalPlan,
+) -> datafusion::error::Result<datafusion::logical_expr::LogicalPlan> {
+    use datafusion::common::ScalarValue;
+    use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Expr, Filter, LogicalPlan, Subquery};
+
+    let mut subqueries: Vec<Subquery> = Vec::new();
+    plan.apply(|node| {
+        if let LogicalPlan::Filter(filter) = node {
+            filter.predicate.apply(|expr| {
+                if let Expr::ScalarSubquery(subquery) = expr
+                    && subquery.outer_ref_columns.is_empty()
+                    && !subqueries.contains(subquery)
+                {
+                    subqueries.push(subquery.clone());
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })?;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if subqueries.is_empty() {
+        return Ok(plan);
+    }
+    let mut values = Vec::with_capacity(subqueries.len());
+    for subquery in &subqueries {
+        let batches =
+            datafusion::prelude::DataFrame::new(state.clone(), subquery.subquery.as_ref().clone())
+                .collect()
+                .await?;
+        let mut rows = batches.iter().filter(|b| b.num_rows() > 0);
+        let value = match (rows.next(), rows.next()) {
+            (None, _) => ScalarValue::try_from(subquery.subquery.schema().field(0).data_type())?,
+            (Some(batch), None) if batch.num_rows() == 1 => {
+                ScalarValue::try_from_array(batch.column(0), 0)?
+            }
+            _ => {
+                return Err(datafusion::error::DataFusionError::Execution(format!(
+                    "a scalar subquery returned more than one row: {}",
+                    subquery.subquery.display()
+                )));
+            }
+        };
+        values.push(value);
+    }
+    plan.transform_up(|node| {
+        let LogicalPlan::Filter(filter) = node else {
+            return Ok(Transformed::no(node));
+        };
+        let predicate = filter.predicate.clone().transform_up(|expr| {
+            let position = match &expr {
+                Expr::ScalarSubquery(subquery) => subqueries.iter().position(|s| s == subquery),
+                _ => None,
+            };
+            Ok(match position {
+                Some(i) => Transformed::yes(Expr::Literal(values[i].clone(), None)),
+                None => Transformed::no(expr),
+            })
+        })?;
+        if !predicate.transformed {
+            return Ok(Transformed::no(LogicalPlan::Filter(filter)));
+        }
+        Filter::try_new(predicate.data, filter.input)
+            .map(|f| Transformed::yes(LogicalPlan::Filter(f)))
+    })
+    .map(|folded| folded.data)
 }
 
 /// At trace level, runs `plan` (a step of [`sql_script`]) once more under EXPLAIN ANALYZE and
@@ -313,4 +391,72 @@ pub async fn with_tables<T>(
         ctx.deregister_table(name)?;
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Array, Int64Array};
+
+    use super::{SessionOptions, new_session, sql_script};
+
+    /// The values of the script's one 64-bit integer column, and its logical plan.
+    async fn run(sql: &str) -> datafusion::error::Result<(Vec<Option<i64>>, String)> {
+        let ctx = new_session(&SessionOptions::default()).unwrap();
+        ctx.sql("CREATE TABLE t AS VALUES (1), (2), (3), (4)")
+            .await?
+            .collect()
+            .await?;
+        let df = sql_script(&ctx, sql).await?;
+        let plan = df.logical_plan().display_indent().to_string();
+        let mut values = Vec::new();
+        for batch in df.collect().await? {
+            let column = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            values.extend((0..column.len()).map(|i| column.is_valid(i).then(|| column.value(i))));
+        }
+        values.sort();
+        Ok((values, plan))
+    }
+
+    #[tokio::test]
+    async fn a_filters_scalar_subquery_is_worked_out_first() {
+        let (values, plan) = run("CREATE TABLE bounds AS VALUES (3), (9); \
+             SELECT column1 FROM t WHERE column1 >= (SELECT min(column1) FROM bounds)")
+        .await
+        .unwrap();
+        assert_eq!(values, [Some(3), Some(4)]);
+        // The filter compares with a literal: no subquery or join is left to plan.
+        assert!(plan.contains("t.column1 >= Int64(3)"), "{plan}");
+        assert!(
+            !plan.contains("Subquery") && !plan.contains("Join"),
+            "{plan}"
+        );
+
+        // A correlated subquery is left to DataFusion.
+        let (values, plan) = run("SELECT column1 FROM t o \
+             WHERE column1 * 2 = (SELECT max(i.column1) FROM t i WHERE i.column1 = o.column1 * 2)")
+        .await
+        .unwrap();
+        assert_eq!(values, [Some(1), Some(2)]);
+        assert!(plan.contains("Subquery"), "{plan}");
+    }
+
+    #[tokio::test]
+    async fn a_scalar_subquery_of_no_rows_is_null_and_of_several_an_error() {
+        let (values, _) = run(
+            "CREATE TABLE none AS SELECT column1 FROM t WHERE column1 > 9; \
+             SELECT column1 FROM t WHERE column1 >= (SELECT column1 FROM none)",
+        )
+        .await
+        .unwrap();
+        assert_eq!(values, []);
+        let error = run("SELECT column1 FROM t WHERE column1 >= (SELECT column1 FROM t)")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("more than one row"), "{error}");
+    }
 }

@@ -75,6 +75,15 @@ FROM de_affected
 CROSS JOIN (VALUES (true), (false)) AS k(is_customer)
 GROUP BY 1, 2, 3, 4, 5, 6;
 
+-- The (date, type, customer) pairs probed below. A moved customer's events are all
+-- affected: none of its pairs is probed. The others are pairs of changed events, so they
+-- fall on the dates the batch touched.
+CREATE TABLE de_probed_customers AS
+SELECT DISTINCT event_date, event_type, value
+FROM de_pairs p
+WHERE is_customer AND value IS NOT NULL AND (after > 0) <> (before > 0)
+  AND NOT EXISTS (SELECT 1 FROM de_moved m WHERE m.customer_id = p.value);
+
 -- The pairs held on one side alone that an unaffected event holds too: those stay. The
 -- current events of such a pair are its affected ones (`after`) and its unaffected ones,
 -- so there is one of the latter when the current events outnumber `after`.
@@ -87,13 +96,13 @@ WITH probe AS (
 -- One join per copy: a join of the events with both copies at once, on a key that picks
 -- the copy's column (CASE), lost that condition in planning and matched every value.
 by_customer AS (
-    -- A moved customer's events are all affected: none of its pairs is probed.
+    -- The engine works out the date bounds first, so the scan reads those dates alone.
     SELECT e.event_date, e.event_type, e.customer_id AS value, count(*) AS current
     FROM silver.events e
-    JOIN (SELECT DISTINCT event_date, event_type, value FROM probe p
-          WHERE is_customer
-            AND NOT EXISTS (SELECT 1 FROM de_moved m WHERE m.customer_id = p.value)) p
+    JOIN de_probed_customers p
       ON p.event_date = e.event_date AND p.event_type = e.event_type AND p.value = e.customer_id
+    WHERE e.event_date >= (SELECT min(event_date) FROM de_probed_customers)
+      AND e.event_date <= (SELECT max(event_date) FROM de_probed_customers)
     GROUP BY 1, 2, 3
 ),
 by_session AS (
