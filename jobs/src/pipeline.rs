@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use medallion_connectors::files::{Explode, FileFormat, FilesSource};
+use medallion_engine::ops::Compression;
 use medallion_quality::Rule;
 use serde::Deserialize;
 use toml::Spanned;
@@ -116,6 +117,23 @@ pub struct LakeSpec {
     /// Data files are cut at this size (MiB); defaults to 128.
     #[serde(default)]
     pub target_file_size_mb: Option<u64>,
+    /// How data files' pages are compressed, in Parquet's spelling (`snappy`, `lz4_raw`,
+    /// `zstd(3)`, `uncompressed`); defaults to Snappy, as Spark and Delta write them.
+    #[serde(default, deserialize_with = "parquet_compression")]
+    pub compression: Option<Compression>,
+}
+
+/// A Parquet codec as `Compression` parses it; an unknown one is a configuration error at its
+/// line, before anything is written.
+fn parquet_compression<'de, D: serde::Deserializer<'de>>(
+    text: D,
+) -> Result<Option<Compression>, D::Error> {
+    let text = String::deserialize(text)?;
+    text.parse().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "compression '{text}' is not a Parquet codec (snappy, lz4_raw, zstd(LEVEL), gzip(LEVEL), uncompressed): {e}"
+        ))
+    })
 }
 
 /// A bronze table: one source, appended as received.
@@ -535,6 +553,14 @@ impl Pipeline {
             .with_extensions(files.extensions.clone()))
     }
 
+    /// How data files' pages are compressed.
+    pub fn compression(&self) -> Compression {
+        self.spec
+            .lake
+            .compression
+            .unwrap_or(medallion_engine::ops::DEFAULT_COMPRESSION)
+    }
+
     /// Target size of data files, in bytes.
     pub fn target_file_size(&self) -> u64 {
         self.spec.lake.target_file_size_mb.map_or(
@@ -626,6 +652,29 @@ mod tests {
         let p = Pipeline::load("commerce", &[("lake".into(), "/tmp/l".into())])?;
         assert_eq!(p.name(), "commerce");
         assert_eq!(p.lake.as_str(), "file:///tmp/l/");
+        assert_eq!(p.compression(), Compression::LZ4_RAW);
         Ok(())
+    }
+
+    #[test]
+    fn the_compression_is_a_parquet_codec_or_a_config_error_at_its_line() {
+        let spec = |codec: &str| {
+            format!("name = \"p\"\n[lake]\nroot = \"l\"\ncompression = \"{codec}\"\n")
+        };
+        let parsed = parse_spec(&spec("zstd(3)"), "p.toml").unwrap();
+        assert_eq!(
+            parsed.lake.compression,
+            Some(Compression::ZSTD(
+                datafusion::parquet::basic::ZstdLevel::try_new(3).unwrap()
+            ))
+        );
+        let error = parse_spec(&spec("lz5"), "p.toml").unwrap_err().to_string();
+        assert!(
+            error.contains("compression 'lz5' is not a Parquet codec"),
+            "{error}"
+        );
+        assert!(error.contains("p.toml") && error.contains('4'), "{error}");
+        let absent = parse_spec("name = \"p\"\n[lake]\nroot = \"l\"\n", "p.toml").unwrap();
+        assert_eq!(absent.lake.compression, None);
     }
 }

@@ -16,7 +16,10 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use url::Url;
 
-use super::{AppTransaction, CommitMetrics, DEFAULT_TARGET_FILE_SIZE, DataPageVersion};
+use super::{
+    AppTransaction, CommitMetrics, Compression, DEFAULT_COMPRESSION, DEFAULT_TARGET_FILE_SIZE,
+    DataPageVersion,
+};
 use crate::error::{EngineError, Result};
 use crate::table;
 
@@ -29,6 +32,7 @@ pub struct AppendBuilder {
     stats_columns: Option<Vec<String>>,
     target_file_size: u64,
     pages: DataPageVersion,
+    compression: Compression,
 }
 
 impl AppendBuilder {
@@ -40,6 +44,7 @@ impl AppendBuilder {
             stats_columns: None,
             target_file_size: DEFAULT_TARGET_FILE_SIZE.get(),
             pages: DataPageVersion::default(),
+            compression: DEFAULT_COMPRESSION,
         }
     }
 
@@ -69,6 +74,12 @@ impl AppendBuilder {
         self
     }
 
+    /// How the data files' pages are compressed ([`DEFAULT_COMPRESSION`] when never called).
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
     /// Opens a writer; data written to it stays invisible until [`StagedAppend::commit`].
     pub fn stage(self) -> Result<StagedAppend> {
         let partitions =
@@ -84,6 +95,7 @@ impl AppendBuilder {
         .with_writer_properties(super::writer_properties(
             self.stats_columns.as_deref(),
             self.pages,
+            self.compression,
         ));
         Ok(StagedAppend {
             builder: self,

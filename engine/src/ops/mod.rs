@@ -12,7 +12,8 @@ pub use upsert::UpsertBuilder;
 
 use std::num::NonZeroU64;
 
-use datafusion::parquet::basic::{Compression, Encoding};
+pub use datafusion::parquet::basic::Compression;
+use datafusion::parquet::basic::Encoding;
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use datafusion::parquet::schema::types::ColumnPath;
 use deltalake::DeltaTable;
@@ -46,6 +47,10 @@ const DICTIONARY_PAGE_BYTES: usize = 16 * 1024;
 /// partitions held nearly the whole table in memory.
 const ROW_GROUP_ROWS: usize = 128 * 1024;
 
+/// How data files' pages are compressed unless a write says otherwise: Snappy, as Spark and
+/// Delta write them, which every Parquet reader takes.
+pub const DEFAULT_COMPRESSION: Compression = Compression::SNAPPY;
+
 /// The layout of a data file's pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DataPageVersion {
@@ -70,9 +75,10 @@ pub enum DataPageVersion {
 pub(crate) fn writer_properties(
     stats_columns: Option<&[String]>,
     pages: DataPageVersion,
+    compression: Compression,
 ) -> WriterProperties {
     let mut builder = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
+        .set_compression(compression)
         .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
     if pages == DataPageVersion::V2 {
@@ -94,12 +100,13 @@ pub(crate) fn writer_properties(
     builder.build()
 }
 
-/// How a write lays out its data files: the table's partition columns, and the columns that
-/// carry statistics (`None`: all of them).
+/// How a write lays out its data files: the table's partition columns, the columns that
+/// carry statistics (`None`: all of them), and the pages' compression.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FileLayout<'a> {
     pub partition_columns: &'a [String],
     pub stats_columns: Option<&'a [String]>,
+    pub compression: Compression,
 }
 
 /// The table properties a table is created with: the target file size, so that writes

@@ -10,7 +10,10 @@ use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 use url::Url;
 
-use super::{AppTransaction, CommitMetrics, DEFAULT_TARGET_FILE_SIZE, FileLayout};
+use super::{
+    AppTransaction, CommitMetrics, Compression, DEFAULT_COMPRESSION, DEFAULT_TARGET_FILE_SIZE,
+    FileLayout,
+};
 use crate::error::{EngineError, Result};
 use crate::table;
 
@@ -23,6 +26,7 @@ pub struct OverwriteBuilder {
     stats_columns: Option<Vec<String>>,
     replace_where: Option<String>,
     txn: Option<AppTransaction>,
+    compression: Compression,
 }
 
 impl OverwriteBuilder {
@@ -34,6 +38,7 @@ impl OverwriteBuilder {
             stats_columns: None,
             replace_where: None,
             txn: None,
+            compression: DEFAULT_COMPRESSION,
         }
     }
 
@@ -63,6 +68,12 @@ impl OverwriteBuilder {
         self
     }
 
+    /// How the data files' pages are compressed ([`DEFAULT_COMPRESSION`] when never called).
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
     pub async fn execute(self) -> Result<CommitMetrics> {
         let existing = table::open_table(&self.url).await?;
         if let Some(t) = &existing
@@ -78,6 +89,7 @@ impl OverwriteBuilder {
             FileLayout {
                 partition_columns: &self.partition_columns,
                 stats_columns: self.stats_columns.as_deref(),
+                compression: self.compression,
             },
             self.replace_where.as_deref(),
             self.txn.as_ref(),
@@ -118,6 +130,7 @@ pub(crate) async fn write_dataframe(
         .with_writer_properties(super::writer_properties(
             layout.stats_columns,
             super::DataPageVersion::V1,
+            layout.compression,
         ))
         .with_configuration(super::table_properties(layout.stats_columns))
         .with_commit_properties(AppTransaction::commit_properties(txn));

@@ -30,7 +30,7 @@ use deltalake::protocol::SaveMode;
 use url::Url;
 
 use super::overwrite::write_dataframe;
-use super::{AppTransaction, CommitMetrics, FileLayout};
+use super::{AppTransaction, CommitMetrics, Compression, DEFAULT_COMPRESSION, FileLayout};
 use crate::error::{EngineError, Result};
 use crate::session::may_hold_rows;
 use crate::table;
@@ -51,6 +51,7 @@ pub struct UpsertBuilder {
     source_rows: Option<u64>,
     target: Option<DeltaTable>,
     deletion_vectors: bool,
+    compression: Compression,
 }
 
 impl UpsertBuilder {
@@ -67,6 +68,7 @@ impl UpsertBuilder {
             source_rows: None,
             target: None,
             deletion_vectors: true,
+            compression: DEFAULT_COMPRESSION,
         }
     }
 
@@ -94,6 +96,12 @@ impl UpsertBuilder {
 
     pub fn with_transaction(mut self, txn: AppTransaction) -> Self {
         self.txn = Some(txn);
+        self
+    }
+
+    /// How the data files' pages are compressed ([`DEFAULT_COMPRESSION`] when never called).
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
         self
     }
 
@@ -146,6 +154,7 @@ impl UpsertBuilder {
                 FileLayout {
                     partition_columns: &self.partition_columns,
                     stats_columns: self.stats_columns.as_deref(),
+                    compression: self.compression,
                 },
                 None,
                 self.txn.as_ref(),
@@ -168,12 +177,17 @@ impl UpsertBuilder {
                 winner_order: &self.winner_order,
                 partition_columns: &self.partition_columns,
                 stats_columns: self.stats_columns.as_deref(),
+                compression: self.compression,
                 txn: self.txn.as_ref(),
             }
             .execute(target, self.source)
             .await?;
-            deletion_vectors::compact_when_scattered(&self.url, self.stats_columns.as_deref())
-                .await?;
+            deletion_vectors::compact_when_scattered(
+                &self.url,
+                self.stats_columns.as_deref(),
+                self.compression,
+            )
+            .await?;
             return Ok(metrics);
         }
         let columns: Vec<String> = self
@@ -219,6 +233,7 @@ impl UpsertBuilder {
             .with_writer_properties(super::writer_properties(
                 self.stats_columns.as_deref(),
                 super::DataPageVersion::V1,
+                self.compression,
             ))
             .with_commit_properties(AppTransaction::commit_properties(self.txn.as_ref()))
             .when_matched_update(|update| {
@@ -535,6 +550,48 @@ mod tests {
                 ["a=old", "b=old", "c=new"],
                 "marking: {marking}"
             );
+        }
+    }
+
+    /// Every data file an upsert writes, by marking or by MERGE, has the codec it was given.
+    #[tokio::test]
+    async fn an_upsert_writes_its_files_with_the_compression_given() {
+        use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
+
+        for marking in [true, false] {
+            let (dir, url) = table_dir(&format!("upsert-lz4-{marking}"));
+            let ctx = crate::session::new_session(&Default::default()).unwrap();
+            for rows in [
+                batch(&["a", "b"], &[1, 1], &["old", "old"]),
+                batch(&["b", "c"], &[2, 2], &["new", "new"]),
+            ] {
+                let n = rows.num_rows() as u64;
+                UpsertBuilder::new(url.clone(), ctx.read_batch(rows).unwrap(), vec!["k".into()])
+                    .with_winner_order(vec!["ts".into()])
+                    .with_source_rows_at_most(n)
+                    .with_deletion_vectors(marking)
+                    .with_compression(super::Compression::LZ4_RAW)
+                    .execute()
+                    .await
+                    .unwrap();
+            }
+            let mut codecs = Vec::new();
+            let mut files = 0;
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "parquet") {
+                    files += 1;
+                    let reader =
+                        SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+                    for group in reader.metadata().row_groups() {
+                        codecs.extend(group.columns().iter().map(|c| c.compression()));
+                        codecs.dedup();
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            assert!(files >= 2, "marking: {marking}, {files} files");
+            assert_eq!(codecs, [super::Compression::LZ4_RAW], "marking: {marking}");
         }
     }
 

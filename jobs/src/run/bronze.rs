@@ -179,6 +179,7 @@ async fn stage_table(
                 .collect(),
         )
         .with_target_file_size(run.pipeline.target_file_size())
+        .with_compression(run.pipeline.compression())
         // A run's rows all fall in its one `_ingest_date`: one file is open at a time.
         .with_data_pages(DataPageVersion::V2);
     let metadata = Arc::new(IngestMetadata {

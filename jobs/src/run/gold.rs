@@ -844,6 +844,7 @@ async fn run_model(
     };
     let mut overwrite = OverwriteBuilder::new(url.clone(), source)
         .with_partition_columns(spec.partition_by.clone())
+        .with_compression(run.pipeline.compression())
         .with_transaction(run.transaction(Layer::Gold, &name, seq));
     if let Some(columns) = &spec.stats_columns {
         overwrite = overwrite.with_stats_columns(columns.clone());

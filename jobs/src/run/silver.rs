@@ -248,6 +248,7 @@ async fn run_table(run: &RunContext<'_>, spec: &SilverSpec) -> Result<Vec<TableS
         let mut staged_q = AppendBuilder::new(q_url.clone(), Arc::clone(&quarantine.schema))
             .with_partition_columns([INGEST_DATE])
             .with_target_file_size(run.pipeline.target_file_size())
+            .with_compression(run.pipeline.compression())
             .stage()?;
         for rows in &quarantined {
             staged_q.write(quarantine.project(rows)?).await?;
@@ -328,6 +329,7 @@ async fn upsert(
         .with_source_key_nulls(deduped.has_null_key)
         .with_winner_order(winner_order(spec))
         .with_partition_columns(spec.partition_by.clone())
+        .with_compression(run.pipeline.compression())
         .with_transaction(run.transaction(Layer::Silver, name, seq));
     if let Some(columns) = &spec.stats_columns {
         upsert = upsert.with_stats_columns(columns.clone());

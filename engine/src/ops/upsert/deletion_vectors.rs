@@ -51,6 +51,7 @@ pub(super) struct MarkingUpsert<'a> {
     pub winner_order: &'a [String],
     pub partition_columns: &'a [String],
     pub stats_columns: Option<&'a [String]>,
+    pub compression: super::Compression,
     pub txn: Option<&'a AppTransaction>,
 }
 
@@ -161,7 +162,8 @@ impl MarkingUpsert<'_> {
         let written = filter_record_batch(source, &BooleanArray::from(beaten))?;
 
         let mut staged = AppendBuilder::new(url.clone(), source.schema())
-            .with_partition_columns(self.partition_columns.iter().cloned());
+            .with_partition_columns(self.partition_columns.iter().cloned())
+            .with_compression(self.compression);
         if let Some(columns) = self.stats_columns {
             staged = staged.with_stats_columns(columns.to_vec());
         }
@@ -435,6 +437,7 @@ fn outside(stats: &str, key: &str, low: &str, high: &str) -> bool {
 pub(super) async fn compact_when_scattered(
     url: &Url,
     stats_columns: Option<&[String]>,
+    compression: super::Compression,
 ) -> Result<()> {
     let Some(table) = crate::table::open_table(url).await? else {
         return Ok(());
@@ -460,6 +463,7 @@ pub(super) async fn compact_when_scattered(
         .with_writer_properties(super::super::writer_properties(
             stats_columns,
             super::super::DataPageVersion::V1,
+            compression,
         ))
         .await
         .map_err(|e| EngineError::delta(url, e))?;
