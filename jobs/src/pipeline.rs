@@ -129,11 +129,17 @@ fn parquet_compression<'de, D: serde::Deserializer<'de>>(
     text: D,
 ) -> Result<Option<Compression>, D::Error> {
     let text = String::deserialize(text)?;
-    text.parse().map(Some).map_err(|e| {
+    let unknown = |why: String| {
         serde::de::Error::custom(format!(
-            "compression '{text}' is not a Parquet codec (snappy, lz4_raw, zstd(LEVEL), gzip(LEVEL), uncompressed): {e}"
+            "compression '{text}' is not a Parquet codec the writer has (snappy, lz4_raw, zstd(LEVEL), gzip(LEVEL), brotli(LEVEL), uncompressed): {why}"
         ))
-    })
+    };
+    match text.parse() {
+        // Parquet names LZO, but its Rust writer has no LZO codec: a write would fail.
+        Ok(Compression::LZO) => Err(unknown("no LZO codec".into())),
+        Ok(codec) => Ok(Some(codec)),
+        Err(e) => Err(unknown(e.to_string())),
+    }
 }
 
 /// A bronze table: one source, appended as received.
@@ -674,6 +680,8 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("p.toml") && error.contains('4'), "{error}");
+        let error = parse_spec(&spec("lzo"), "p.toml").unwrap_err().to_string();
+        assert!(error.contains("no LZO codec"), "{error}");
         let absent = parse_spec("name = \"p\"\n[lake]\nroot = \"l\"\n", "p.toml").unwrap();
         assert_eq!(absent.lake.compression, None);
     }
