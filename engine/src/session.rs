@@ -267,8 +267,8 @@ pub async fn sql_script(
 /// place, as Spark runs such a subquery before the query that reads it. DataFusion plans it as
 /// a join instead, so `WHERE order_date >= (SELECT min(day) FROM changed)` pruned nothing and
 /// read every partition; as a literal, the filter reaches the table's scan, which skips the
-/// partitions before it. A subquery of no rows is NULL; one of several rows is an error, as it
-/// is in DataFusion.
+/// partitions before it. A subquery of no rows is NULL; one of several rows is an error, as in
+/// Spark. `validate` runs these subqueries too, over no changed rows.
 async fn fold_scalar_subqueries(
     state: &SessionState,
     plan: datafusion::logical_expr::LogicalPlan,
