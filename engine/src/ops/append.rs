@@ -18,7 +18,7 @@ use url::Url;
 
 use super::{
     AppTransaction, CommitMetrics, Compression, DEFAULT_COMPRESSION, DEFAULT_TARGET_FILE_SIZE,
-    DataPageVersion,
+    DataPageVersion, FileLayout,
 };
 use crate::error::{EngineError, Result};
 use crate::table;
@@ -92,11 +92,14 @@ impl AppendBuilder {
         )
         .map_err(|e| EngineError::delta(&self.url, e))?
         .with_target_file_size(self.target_file_size)
-        .with_writer_properties(super::writer_properties(
-            self.stats_columns.as_deref(),
-            self.pages,
-            self.compression,
-        ));
+        .with_writer_properties(
+            FileLayout {
+                partition_columns: &self.partition_columns,
+                stats_columns: self.stats_columns.as_deref(),
+                compression: self.compression,
+            }
+            .writer_properties(self.pages),
+        );
         Ok(StagedAppend {
             builder: self,
             writer,

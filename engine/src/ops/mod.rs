@@ -68,38 +68,6 @@ pub enum DataPageVersion {
     V2,
 }
 
-/// Parquet settings of every data file the engine writes. With `stats_columns`, only those
-/// columns carry min/max statistics: the writer compares every value of a string column with
-/// its page's bounds, which was a tenth of the CPU of writing raw JSON text that nothing ever
-/// filters on (bronze at SF 10: 22.7 against 25.2 CPU seconds without any statistics).
-pub(crate) fn writer_properties(
-    stats_columns: Option<&[String]>,
-    pages: DataPageVersion,
-    compression: Compression,
-) -> WriterProperties {
-    let mut builder = WriterProperties::builder()
-        .set_compression(compression)
-        .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES)
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
-    if pages == DataPageVersion::V2 {
-        // PLAIN keeps version 1's fallback from a dictionary: under version 2 the writer
-        // would fall back to the DELTA encodings, which cost more to write and to read.
-        builder = builder
-            .set_writer_version(WriterVersion::PARQUET_2_0)
-            .set_encoding(Encoding::PLAIN);
-    }
-    if let Some(columns) = stats_columns {
-        builder = builder.set_statistics_enabled(EnabledStatistics::None);
-        for column in columns {
-            builder = builder.set_column_statistics_enabled(
-                ColumnPath::from(column.as_str()),
-                EnabledStatistics::Page,
-            );
-        }
-    }
-    builder.build()
-}
-
 /// How a write lays out its data files: the table's partition columns, the columns that
 /// carry statistics (`None`: all of them), and the pages' compression.
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +75,37 @@ pub(crate) struct FileLayout<'a> {
     pub partition_columns: &'a [String],
     pub stats_columns: Option<&'a [String]>,
     pub compression: Compression,
+}
+
+impl FileLayout<'_> {
+    /// Parquet settings of every data file the engine writes. With `stats_columns`, only
+    /// those columns carry min/max statistics: the writer compares every value of a string
+    /// column with its page's bounds, which was a tenth of the CPU of writing raw JSON text
+    /// that nothing ever filters on (bronze at SF 10: 22.7 against 25.2 CPU seconds without
+    /// any statistics).
+    pub(crate) fn writer_properties(&self, pages: DataPageVersion) -> WriterProperties {
+        let mut builder = WriterProperties::builder()
+            .set_compression(self.compression)
+            .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES)
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
+        if pages == DataPageVersion::V2 {
+            // PLAIN keeps version 1's fallback from a dictionary: under version 2 the writer
+            // would fall back to the DELTA encodings, which cost more to write and to read.
+            builder = builder
+                .set_writer_version(WriterVersion::PARQUET_2_0)
+                .set_encoding(Encoding::PLAIN);
+        }
+        if let Some(columns) = self.stats_columns {
+            builder = builder.set_statistics_enabled(EnabledStatistics::None);
+            for column in columns {
+                builder = builder.set_column_statistics_enabled(
+                    ColumnPath::from(column.as_str()),
+                    EnabledStatistics::Page,
+                );
+            }
+        }
+        builder.build()
+    }
 }
 
 /// The table properties a table is created with: the target file size, so that writes

@@ -127,11 +127,7 @@ pub(crate) async fn write_dataframe(
         .with_session_state(Arc::new(session_state))
         .with_save_mode(mode)
         .with_target_file_size(Some(DEFAULT_TARGET_FILE_SIZE))
-        .with_writer_properties(super::writer_properties(
-            layout.stats_columns,
-            super::DataPageVersion::V1,
-            layout.compression,
-        ))
+        .with_writer_properties(layout.writer_properties(super::DataPageVersion::V1))
         .with_configuration(super::table_properties(layout.stats_columns))
         .with_commit_properties(AppTransaction::commit_properties(txn));
     let partition_columns = layout.partition_columns;

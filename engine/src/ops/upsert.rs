@@ -140,6 +140,11 @@ impl UpsertBuilder {
     }
 
     pub async fn execute(mut self) -> Result<CommitMetrics> {
+        let layout = FileLayout {
+            partition_columns: &self.partition_columns,
+            stats_columns: self.stats_columns.as_deref(),
+            compression: self.compression,
+        };
         let target = match self.target.take() {
             Some(opened) => Some(opened),
             None => table::open_table(&self.url).await?,
@@ -151,11 +156,7 @@ impl UpsertBuilder {
                 None,
                 self.source,
                 SaveMode::Append,
-                FileLayout {
-                    partition_columns: &self.partition_columns,
-                    stats_columns: self.stats_columns.as_deref(),
-                    compression: self.compression,
-                },
+                layout,
                 None,
                 self.txn.as_ref(),
             )
@@ -175,19 +176,12 @@ impl UpsertBuilder {
                 url: &self.url,
                 keys: &self.keys,
                 winner_order: &self.winner_order,
-                partition_columns: &self.partition_columns,
-                stats_columns: self.stats_columns.as_deref(),
-                compression: self.compression,
+                layout,
                 txn: self.txn.as_ref(),
             }
             .execute(target, self.source)
             .await?;
-            deletion_vectors::compact_when_scattered(
-                &self.url,
-                self.stats_columns.as_deref(),
-                self.compression,
-            )
-            .await?;
+            deletion_vectors::compact_when_scattered(&self.url, layout).await?;
             return Ok(metrics);
         }
         let columns: Vec<String> = self
@@ -230,11 +224,7 @@ impl UpsertBuilder {
             .with_source_alias("source")
             .with_target_alias("target")
             .with_session_state(session)
-            .with_writer_properties(super::writer_properties(
-                self.stats_columns.as_deref(),
-                super::DataPageVersion::V1,
-                self.compression,
-            ))
+            .with_writer_properties(layout.writer_properties(super::DataPageVersion::V1))
             .with_commit_properties(AppTransaction::commit_properties(self.txn.as_ref()))
             .when_matched_update(|update| {
                 columns.iter().fold(update.predicate(wins), |u, c| {

@@ -31,7 +31,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt as _};
 use url::Url;
 
-use super::super::{AppTransaction, AppendBuilder, CommitMetrics};
+use super::super::{AppTransaction, AppendBuilder, CommitMetrics, DataPageVersion, FileLayout};
 use crate::error::{EngineError, Result};
 use crate::table::{FILES_READ_AT_ONCE, on_own_task};
 
@@ -49,9 +49,7 @@ pub(super) struct MarkingUpsert<'a> {
     pub url: &'a Url,
     pub keys: &'a [String],
     pub winner_order: &'a [String],
-    pub partition_columns: &'a [String],
-    pub stats_columns: Option<&'a [String]>,
-    pub compression: super::Compression,
+    pub layout: FileLayout<'a>,
     pub txn: Option<&'a AppTransaction>,
 }
 
@@ -162,9 +160,9 @@ impl MarkingUpsert<'_> {
         let written = filter_record_batch(source, &BooleanArray::from(beaten))?;
 
         let mut staged = AppendBuilder::new(url.clone(), source.schema())
-            .with_partition_columns(self.partition_columns.iter().cloned())
-            .with_compression(self.compression);
-        if let Some(columns) = self.stats_columns {
+            .with_partition_columns(self.layout.partition_columns.iter().cloned())
+            .with_compression(self.layout.compression);
+        if let Some(columns) = self.layout.stats_columns {
             staged = staged.with_stats_columns(columns.to_vec());
         }
         let mut staged = staged.stage()?;
@@ -434,11 +432,7 @@ fn outside(stats: &str, key: &str, low: &str, high: &str) -> bool {
 /// [`FILES_PER_PARTITION_BEFORE_COMPACTION`] files on average. A commit of its own that
 /// changes no row: a crash before it leaves the upsert committed and the files to compact
 /// next time.
-pub(super) async fn compact_when_scattered(
-    url: &Url,
-    stats_columns: Option<&[String]>,
-    compression: super::Compression,
-) -> Result<()> {
+pub(super) async fn compact_when_scattered(url: &Url, layout: FileLayout<'_>) -> Result<()> {
     let Some(table) = crate::table::open_table(url).await? else {
         return Ok(());
     };
@@ -460,11 +454,7 @@ pub(super) async fn compact_when_scattered(
     let (_, metrics) = table
         .optimize()
         .with_target_size(super::super::DEFAULT_TARGET_FILE_SIZE)
-        .with_writer_properties(super::super::writer_properties(
-            stats_columns,
-            super::super::DataPageVersion::V1,
-            compression,
-        ))
+        .with_writer_properties(layout.writer_properties(DataPageVersion::V1))
         .await
         .map_err(|e| EngineError::delta(url, e))?;
     tracing::info!(
