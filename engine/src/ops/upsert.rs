@@ -543,6 +543,69 @@ mod tests {
         }
     }
 
+    /// Marking looks a text key up by its bytes and any other key in row form: either way it
+    /// matches what the MERGE matches, a null key included (`IS NOT DISTINCT FROM`).
+    #[tokio::test]
+    async fn marking_matches_a_text_key_a_null_key_and_a_number_key_as_the_merge_does() {
+        let rows = |k: &[Option<&str>], n: &[i64], ts: &[i64], v: &str| {
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("k", DataType::Utf8, true),
+                Field::new("n", DataType::Int64, false),
+                Field::new("ts", DataType::Int64, false),
+                Field::new("v", DataType::Utf8, false),
+            ]));
+            RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(StringArray::from(k.to_vec())),
+                    Arc::new(Int64Array::from(n.to_vec())),
+                    Arc::new(Int64Array::from(ts.to_vec())),
+                    Arc::new(StringArray::from(vec![v; k.len()])),
+                ],
+            )
+            .unwrap()
+        };
+        for key in ["k", "n"] {
+            let mut results = Vec::new();
+            for marking in [true, false] {
+                let (dir, url) = table_dir(&format!("upsert-key-{key}-{marking}"));
+                let ctx = crate::session::new_session(&Default::default()).unwrap();
+                for batch in [
+                    rows(&[None, Some("a"), Some("b")], &[1, 2, 3], &[5, 5, 5], "old"),
+                    rows(&[None, Some("a"), Some("c")], &[1, 2, 4], &[6, 4, 5], "new"),
+                ] {
+                    let n = batch.num_rows() as u64;
+                    UpsertBuilder::new(
+                        url.clone(),
+                        ctx.read_batch(batch).unwrap(),
+                        vec![key.into()],
+                    )
+                    .with_winner_order(vec!["ts".into()])
+                    .with_source_rows_at_most(n)
+                    .with_deletion_vectors(marking)
+                    .execute()
+                    .await
+                    .unwrap();
+                }
+                let out = query_table(
+                    &ctx,
+                    &url,
+                    "SELECT coalesce(k, 'null') || '=' || v AS kv FROM silver.t ORDER BY kv",
+                )
+                .await;
+                let _ = std::fs::remove_dir_all(&dir);
+                results.push(texts(&out, 0));
+            }
+            // The null key's row is replaced (ts 6 beats 5), a's stays (4 loses), c is new.
+            assert_eq!(
+                results[0],
+                ["a=old", "b=old", "c=new", "null=new"],
+                "key {key}"
+            );
+            assert_eq!(results[0], results[1], "key {key}: marking against MERGE");
+        }
+    }
+
     /// Every data file an upsert writes, by marking or by MERGE, has the codec it was given.
     #[tokio::test]
     async fn an_upsert_writes_its_files_with_the_compression_given() {
