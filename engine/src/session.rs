@@ -198,15 +198,79 @@ pub async fn sql_with_table(
     with_tables(ctx, table, async || Ok(ctx.sql(sql).await?)).await
 }
 
+/// Tables that steps of [`sql_script_reusing`] created, kept so that a later script of the
+/// same run that creates a table by the same statement over the same inputs reads them
+/// instead of working them out again. Two gold models' incremental scripts that both need
+/// every event of the customers that changed, say, read silver's events once.
+#[derive(Clone, Default)]
+pub struct KeptSteps(
+    Arc<
+        std::sync::Mutex<
+            std::collections::HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>,
+        >,
+    >,
+);
+
+impl std::fmt::Debug for KeptSteps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let steps = self.0.lock().map_or(0, |kept| kept.len());
+        f.debug_struct("KeptSteps").field("steps", &steps).finish()
+    }
+}
+
+/// What lets a script reuse steps of earlier scripts: the steps kept, and what identifies the
+/// rows of each table a step may read, by the name it is read by (`changed.events`: which
+/// table, between which versions). A step is reused when its statement's text and every table
+/// it reads are those of a kept one; one that reads a table not named here (a gold table,
+/// which a run rewrites) or a view is neither reused nor kept.
+#[derive(Clone, Copy, Debug)]
+pub struct StepReuse<'a> {
+    pub kept: &'a KeptSteps,
+    pub inputs: &'a std::collections::BTreeMap<String, String>,
+}
+
+/// Plans `sql`, a script of statements separated by `;`: [`sql_script_reusing`] without
+/// reusing steps of other scripts.
+pub async fn sql_script(
+    ctx: &SessionContext,
+    sql: &str,
+) -> datafusion::error::Result<datafusion::prelude::DataFrame> {
+    sql_script_reusing(ctx, sql, None).await
+}
+
+/// What identifies the rows of table `creates`, made by a statement: its text and, for every
+/// other table it names (`named`), `inputs`' entry or the key of the step of this script that
+/// made it. `None` when it reads another table.
+fn step_key(
+    statement: &str,
+    creates: &datafusion::common::TableReference,
+    named: &[datafusion::common::TableReference],
+    inputs: &std::collections::BTreeMap<String, String>,
+    made_here: &std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    let read: std::collections::BTreeSet<String> = named
+        .iter()
+        .filter(|t| *t != creates)
+        .map(|t| t.to_string())
+        .collect();
+    let mut key = statement.to_string();
+    for table in read {
+        let identity = inputs.get(&table).or_else(|| made_here.get(&table))?;
+        key.push_str(&format!("\n{table} = {identity}"));
+    }
+    Some(key)
+}
+
 /// Plans `sql`, a script of statements separated by `;`. Every statement but the last creates
 /// a table (`CREATE TABLE t AS SELECT …`, which runs its query and holds the rows in memory)
 /// or a view, that the statements after it read; the last is the query planned. DataFusion
 /// runs a common table expression again wherever it is read: a table created first is a
-/// step worked out once. What the script created is dropped before this returns (the plan
-/// keeps what it reads), also when it fails.
-pub async fn sql_script(
+/// step worked out once, and with `reuse`, once a run (see [`StepReuse`]). What the script
+/// created is dropped before this returns (the plan keeps what it reads), also when it fails.
+pub async fn sql_script_reusing(
     ctx: &SessionContext,
     sql: &str,
+    reuse: Option<StepReuse<'_>>,
 ) -> datafusion::error::Result<datafusion::prelude::DataFrame> {
     use datafusion::logical_expr::{DdlStatement, LogicalPlan};
     use datafusion::sql::parser::DFParserBuilder;
@@ -229,8 +293,12 @@ pub async fn sql_script(
         datafusion::error::DataFusionError::Plan("the SQL holds no statement".into())
     })?;
     let mut created = Vec::new();
+    let mut made_here = std::collections::BTreeMap::new();
     let planned = async {
         for statement in statements {
+            let text = statement.to_string();
+            // By name, as the statement reads them: a view is inlined in its plan.
+            let read = state.resolve_table_references(&statement)?;
             let plan = state.statement_to_plan(statement).await?;
             let name = match &plan {
                 LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) => create.name.clone(),
@@ -242,13 +310,37 @@ pub async fn sql_script(
                     )));
                 }
             };
-            let plan = fold_scalar_subqueries(&state, plan).await?;
-            if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &plan {
-                analyze(&state, &name.to_string(), create.input.as_ref()).await?;
+            let key = match (&plan, reuse) {
+                (LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(_)), Some(reuse)) => {
+                    step_key(&text, &name, &read, reuse.inputs, &made_here)
+                }
+                _ => None,
+            };
+            let kept = key.as_ref().zip(reuse).and_then(|(key, reuse)| {
+                let kept = reuse.kept.0.lock().ok()?;
+                kept.get(key).cloned()
+            });
+            if let Some(table) = kept {
+                ctx.register_table(name.clone(), table)?;
+                tracing::debug!(step = %name, "SQL script step reused from an earlier script");
+            } else {
+                let plan = fold_scalar_subqueries(&state, plan).await?;
+                if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &plan {
+                    analyze(&state, &name.to_string(), create.input.as_ref()).await?;
+                }
+                let started = std::time::Instant::now();
+                ctx.execute_logical_plan(plan).await?;
+                tracing::debug!(step = %name, ms = started.elapsed().as_millis() as u64, "SQL script step run");
+                if let (Some(key), Some(reuse)) = (&key, reuse) {
+                    let table = ctx.table_provider(name.clone()).await?;
+                    if let Ok(mut kept) = reuse.kept.0.lock() {
+                        kept.insert(key.clone(), table);
+                    }
+                }
             }
-            let started = std::time::Instant::now();
-            ctx.execute_logical_plan(plan).await?;
-            tracing::debug!(step = %name, ms = started.elapsed().as_millis() as u64, "SQL script step run");
+            if let Some(key) = key {
+                made_here.insert(name.to_string(), key);
+            }
             created.push(name);
         }
         let plan = state.statement_to_plan(last).await?;
@@ -397,7 +489,9 @@ pub async fn with_tables<T>(
 mod tests {
     use datafusion::arrow::array::{Array, Int64Array};
 
-    use super::{SessionOptions, new_session, sql_script};
+    use super::{
+        KeptSteps, SessionOptions, StepReuse, new_session, sql_script, sql_script_reusing,
+    };
 
     /// The values of the script's one 64-bit integer column, and its logical plan.
     async fn run(sql: &str) -> datafusion::error::Result<(Vec<Option<i64>>, String)> {
@@ -458,5 +552,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("more than one row"), "{error}");
+    }
+
+    /// A step whose statement and inputs a kept step had is read from it, not run again: the
+    /// script's `changed.t` holds other rows under the same identity, and the count is the
+    /// first one's. The step after it, which reads it, is reused as well. Another identity,
+    /// or an input without one, runs the steps.
+    #[tokio::test]
+    async fn a_step_of_the_statement_and_inputs_of_a_kept_one_is_not_run_again() {
+        let ctx = new_session(&SessionOptions::default()).unwrap();
+        let kept = KeptSteps::default();
+        let script = "CREATE TABLE counted AS SELECT count(*) AS n FROM changed.t; \
+                      CREATE TABLE scaled AS SELECT n * 10 AS n FROM counted; \
+                      SELECT n FROM scaled";
+        let run = async |rows: i64, identity: Option<&str>| -> i64 {
+            let t = ctx
+                .sql(&format!("SELECT value FROM generate_series(1, {rows})"))
+                .await
+                .unwrap();
+            let inputs = identity
+                .map(|i| [("changed.t".to_string(), i.to_string())].into())
+                .unwrap_or_default();
+            let reuse = StepReuse {
+                kept: &kept,
+                inputs: &inputs,
+            };
+            let table = datafusion::common::TableReference::partial("changed", "t");
+            let batches = super::with_tables(&ctx, vec![(table, t)], async || {
+                Ok(sql_script_reusing(&ctx, script, Some(reuse))
+                    .await?
+                    .collect()
+                    .await?)
+            })
+            .await
+            .unwrap();
+            batches[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        assert_eq!(run(2, Some("versions 1 to 2")).await, 20);
+        assert_eq!(run(3, Some("versions 1 to 2")).await, 20, "reused");
+        assert_eq!(run(3, Some("versions 1 to 3")).await, 30);
+        assert_eq!(run(4, None).await, 40, "an input without identity");
+        // The scripts dropped what they created.
+        assert!(ctx.table_provider("counted").await.is_err());
     }
 }

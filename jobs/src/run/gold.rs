@@ -52,9 +52,12 @@ pub(crate) async fn run(run: &RunContext<'_>, out: &mut Vec<TableSummary>) -> Re
     run.register_tables().await?;
     let mut opened = BTreeMap::new();
     let mut views = Vec::new();
+    // Silver does not change while gold runs: a step of one model's incremental script over
+    // the same changed rows is the same table in the next model's.
+    let kept = session::KeptSteps::default();
     for spec in &run.pipeline.spec.gold {
         let name = spec.table.get_ref().clone();
-        if let Some(summary) = run_model(run, spec, &mut opened, &mut views)
+        if let Some(summary) = run_model(run, spec, &mut opened, &mut views, &kept)
             .await
             .map_err(|e| e.in_table("gold", &name))?
         {
@@ -554,6 +557,7 @@ async fn changes_applied(
     built_from: &BTreeMap<String, u64>,
     now: &BTreeMap<String, u64>,
     opened: &BTreeMap<String, Option<DeltaTable>>,
+    kept: &session::KeptSteps,
 ) -> Result<Option<Vec<RecordBatch>>, JobError> {
     if built_from.len() != now.len() || now.keys().any(|t| !built_from.contains_key(t)) {
         return Ok(None);
@@ -576,8 +580,16 @@ async fn changes_applied(
         .sum::<u64>()
         / 4;
     let mut changed = Vec::new();
+    // What identifies each table the script reads, for steps another script ran (see
+    // `session::StepReuse`): a silver table by its version, its changed rows by both.
+    let mut identities = BTreeMap::new();
     for (qualified, name, source) in inputs {
         let (since, version) = (built_from[qualified], now[qualified]);
+        identities.insert(qualified.clone(), format!("version {version}"));
+        identities.insert(
+            format!("{CHANGED_SCHEMA}.{name}"),
+            format!("{qualified} from version {since} to {version}"),
+        );
         let rows = if since == version {
             let schema = run
                 .ctx
@@ -601,8 +613,15 @@ async fn changes_applied(
         changed.push((TableReference::partial(CHANGED_SCHEMA, name), rows));
     }
     let sql = run.pipeline.sql(&incremental.sql)?;
+    let reuse = session::StepReuse {
+        kept,
+        inputs: &identities,
+    };
     let rows = session::with_tables(&run.ctx, changed, async || {
-        Ok(session::sql_script(&run.ctx, sql).await?.collect().await?)
+        Ok(session::sql_script_reusing(&run.ctx, sql, Some(reuse))
+            .await?
+            .collect()
+            .await?)
     })
     .await?;
     Ok(Some(rows))
@@ -661,6 +680,7 @@ async fn run_model(
     spec: &GoldSpec,
     opened: &mut BTreeMap<String, Option<DeltaTable>>,
     views: &mut Vec<String>,
+    kept: &session::KeptSteps,
 ) -> Result<Option<TableSummary>, JobError> {
     let started = Instant::now();
     let name = spec.table.get_ref().clone();
@@ -725,7 +745,7 @@ async fn run_model(
     };
     let changes = match (&spec.incremental, &existing, &scope) {
         (Some(incremental), Some(_), None) if same_definition => {
-            changes_applied(run, incremental, &state.inputs, &inputs, opened)
+            changes_applied(run, incremental, &state.inputs, &inputs, opened, kept)
                 .await?
                 .map(|rows| (incremental, rows))
         }
