@@ -15,6 +15,26 @@
 -- Each step is a table of its own so that it runs once: DataFusion runs a WITH query again
 -- wherever it is read.
 
+-- Two steps shared with daily_engagement_incremental.sql, which holds the same statements:
+-- the engine runs a step once a run and the other script reads its rows (the same statement
+-- over the same changed rows). Each reads every silver event, by customer and by session.
+-- Every current event of a customer whose silver row changed (new ones included).
+CREATE TABLE events_of_changed_customers AS
+SELECT e.event_date, e.event_type, e.customer_id, e.session_id
+FROM silver.events e
+WHERE e.customer_id IN (SELECT customer_id FROM changed.customers);
+
+-- Every current event of a session that a changed event holds, or an event above: all the
+-- events of each session whose distinct count the change may move.
+CREATE TABLE events_of_changed_sessions AS
+SELECT e.event_date, e.event_type, e.customer_id, e.session_id
+FROM silver.events e
+WHERE e.session_id IN (
+    SELECT session_id FROM changed.events
+    UNION
+    SELECT session_id FROM events_of_changed_customers
+);
+
 -- Customers new to silver: they have no row as built.
 CREATE TABLE c3_new AS
 SELECT DISTINCT c.customer_id
@@ -70,7 +90,7 @@ GROUP BY o.customer_id;
 CREATE TABLE c3_sessions AS
 WITH counted AS (
     SELECT e.customer_id, e.session_id, e.event_type, 1 AS n, true AS is_new
-    FROM silver.events e
+    FROM events_of_changed_customers e
     JOIN c3_new m ON m.customer_id = e.customer_id
     UNION ALL
     SELECT c.customer_id, c.session_id, c.event_type,
@@ -93,13 +113,14 @@ GROUP BY customer_id, session_id;
 
 -- The pairs held on one side alone that an unchanged event holds too, so the session stays:
 -- the pair's current events outnumber its current counted ones (after). A new customer's
--- current events are all counted, so none of its pairs is probed.
+-- current events are all counted, so none of its pairs is probed. The others' pairs are
+-- changed events' sessions, whose events are all in events_of_changed_sessions.
 CREATE TABLE c3_held AS
 SELECT p.customer_id, p.session_id
 FROM c3_sessions p
 JOIN (
     SELECT e.customer_id, e.session_id, count(*) AS current
-    FROM silver.events e
+    FROM events_of_changed_sessions e
     JOIN (
         SELECT customer_id, session_id
         FROM c3_sessions s

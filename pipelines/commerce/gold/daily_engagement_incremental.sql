@@ -10,6 +10,26 @@
 -- wherever it is read. (`IS NOT DISTINCT FROM` is in parentheses: the parser reads
 -- `a IS NOT DISTINCT FROM b AND c` as `a IS NOT DISTINCT FROM (b AND c)`.)
 
+-- Two steps shared with customer_360_incremental.sql, which holds the same statements:
+-- the engine runs a step once a run and the other script reads its rows (the same statement
+-- over the same changed rows). Each reads every silver event, by customer and by session.
+-- Every current event of a customer whose silver row changed (new ones included).
+CREATE TABLE events_of_changed_customers AS
+SELECT e.event_date, e.event_type, e.customer_id, e.session_id
+FROM silver.events e
+WHERE e.customer_id IN (SELECT customer_id FROM changed.customers);
+
+-- Every current event of a session that a changed event holds, or an event above: all the
+-- events of each session whose distinct count the change may move.
+CREATE TABLE events_of_changed_sessions AS
+SELECT e.event_date, e.event_type, e.customer_id, e.session_id
+FROM silver.events e
+WHERE e.session_id IN (
+    SELECT session_id FROM changed.events
+    UNION
+    SELECT session_id FROM events_of_changed_customers
+);
+
 -- Customers whose silver row changed.
 CREATE TABLE de_moved AS
 SELECT DISTINCT customer_id FROM changed.customers;
@@ -23,8 +43,7 @@ CREATE TABLE de_sides AS
 -- Every current event of a moved customer, after and before.
 SELECT e.event_date, e.event_type, e.customer_id, e.session_id, true AS moved,
        1 AS after, 1 AS before
-FROM silver.events e
-JOIN de_moved m ON m.customer_id = e.customer_id
+FROM events_of_changed_customers e
 UNION ALL
 -- Inserted events: after, for a customer that did not move; not before, for one that did.
 SELECT i.event_date, i.event_type, i.customer_id, i.session_id, m.customer_id IS NOT NULL,
@@ -106,12 +125,13 @@ by_customer AS (
     GROUP BY 1, 2, 3
 ),
 by_session AS (
-    -- A session's events may have several customers, each in its own group.
+    -- A session's events may have several customers, each in its own group. The sessions
+    -- probed are those of affected events, whose events are all in events_of_changed_sessions.
     SELECT e.event_date, e.event_type, e.session_id AS value,
            coalesce(c.country, 'UNKNOWN') AS country,
            CASE WHEN c.customer_id IS NULL THEN 'UNKNOWN' ELSE c.segment END AS segment,
            count(*) AS current
-    FROM silver.events e
+    FROM events_of_changed_sessions e
     JOIN (SELECT DISTINCT event_date, event_type, value FROM probe WHERE NOT is_customer) p
       ON p.event_date = e.event_date AND p.event_type = e.event_type AND p.value = e.session_id
     LEFT JOIN silver.customers c ON c.customer_id = e.customer_id
