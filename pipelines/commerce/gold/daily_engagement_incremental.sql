@@ -1,8 +1,9 @@
 -- daily_engagement updated from the rows of silver.events and silver.customers that changed
 -- (`changed.events`, `changed.customers`: old rows `delete`, new rows `insert`), without
--- reading every event. The affected events are the changed ones and every event of a
--- customer whose row changed (its events may move to other groups); all other events are
--- alike before and after, joined with the same customer. So, per group:
+-- aggregating every event (two steps, shared with customer_360's script, find the events it
+-- needs, by customer and by session). The affected events are the changed ones and every
+-- event of a customer whose row changed (its events may move to other groups); all other
+-- events are alike before and after, joined with the same customer. So, per group:
 -- - events: as built, plus the affected events now, less the affected events before;
 -- - customers and sessions (distinct counts): a (group, value) pair that the affected events
 --   hold on one side only comes or goes, unless an unaffected event holds it too.
