@@ -494,19 +494,21 @@ mod tests {
             .value(0)
     }
 
-    /// Merges `first`, then `second`, into a new table, marking replaced rows in deletion
-    /// vectors or rewriting their files (delta-rs's MERGE); returns its `k=v` rows, sorted.
+    /// Merges `first`, then `second`, into a new table by key column `key`, marking replaced
+    /// rows in deletion vectors or rewriting their files (delta-rs's MERGE); returns its `k=v`
+    /// rows, sorted (a null `k` as `null`).
     async fn merged(
+        key: &str,
         order: &[&str],
         first: RecordBatch,
         second: RecordBatch,
         marking: bool,
     ) -> Vec<String> {
-        let (dir, url) = table_dir(&format!("upsert-{}-{marking}", order.join("-")));
+        let (dir, url) = table_dir(&format!("upsert-{key}-{}-{marking}", order.join("-")));
         let ctx = crate::session::new_session(&Default::default()).unwrap();
         for rows in [first, second] {
             let n = rows.num_rows() as u64;
-            UpsertBuilder::new(url.clone(), ctx.read_batch(rows).unwrap(), vec!["k".into()])
+            UpsertBuilder::new(url.clone(), ctx.read_batch(rows).unwrap(), vec![key.into()])
                 .with_winner_order(order.iter().map(|c| (*c).to_string()).collect())
                 .with_source_rows_at_most(n)
                 .with_deletion_vectors(marking)
@@ -517,7 +519,7 @@ mod tests {
         let out = query_table(
             &ctx,
             &url,
-            "SELECT k || '=' || v AS kv FROM silver.t ORDER BY kv",
+            "SELECT coalesce(k, 'null') || '=' || v AS kv FROM silver.t ORDER BY kv",
         )
         .await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -530,13 +532,13 @@ mod tests {
         let second = || batch(&["a", "b", "c"], &[4, 6, 1], &["new", "new", "new"]);
         for marking in [true, false] {
             assert_eq!(
-                merged(&["ts"], first(), second(), marking).await,
+                merged("k", &["ts"], first(), second(), marking).await,
                 ["a=old", "b=new", "c=new"],
                 "marking: {marking}"
             );
             // No order (`keep = "any"`: the copies of a key are alike): the stored row stays.
             assert_eq!(
-                merged(&[], first(), second(), marking).await,
+                merged("k", &[], first(), second(), marking).await,
                 ["a=old", "b=old", "c=new"],
                 "marking: {marking}"
             );
@@ -568,33 +570,9 @@ mod tests {
         for key in ["k", "n"] {
             let mut results = Vec::new();
             for marking in [true, false] {
-                let (dir, url) = table_dir(&format!("upsert-key-{key}-{marking}"));
-                let ctx = crate::session::new_session(&Default::default()).unwrap();
-                for batch in [
-                    rows(&[None, Some("a"), Some("b")], &[1, 2, 3], &[5, 5, 5], "old"),
-                    rows(&[None, Some("a"), Some("c")], &[1, 2, 4], &[6, 4, 5], "new"),
-                ] {
-                    let n = batch.num_rows() as u64;
-                    UpsertBuilder::new(
-                        url.clone(),
-                        ctx.read_batch(batch).unwrap(),
-                        vec![key.into()],
-                    )
-                    .with_winner_order(vec!["ts".into()])
-                    .with_source_rows_at_most(n)
-                    .with_deletion_vectors(marking)
-                    .execute()
-                    .await
-                    .unwrap();
-                }
-                let out = query_table(
-                    &ctx,
-                    &url,
-                    "SELECT coalesce(k, 'null') || '=' || v AS kv FROM silver.t ORDER BY kv",
-                )
-                .await;
-                let _ = std::fs::remove_dir_all(&dir);
-                results.push(texts(&out, 0));
+                let first = rows(&[None, Some("a"), Some("b")], &[1, 2, 3], &[5, 5, 5], "old");
+                let second = rows(&[None, Some("a"), Some("c")], &[1, 2, 4], &[6, 4, 5], "new");
+                results.push(merged(key, &["ts"], first, second, marking).await);
             }
             // The null key's row is replaced (ts 6 beats 5), a's stays (4 loses), c is new.
             assert_eq!(
