@@ -70,6 +70,10 @@ const BUILTIN: &[(&str, &[(&str, &str)])] = &[(
             include_str!("../../pipelines/commerce/gold/customer_360_repriced.sql"),
         ),
         (
+            "gold/events_of_changes.sql",
+            include_str!("../../pipelines/commerce/gold/events_of_changes.sql"),
+        ),
+        (
             "gold/customer_360_incremental.sql",
             include_str!("../../pipelines/commerce/gold/customer_360_incremental.sql"),
         ),
@@ -305,12 +309,49 @@ pub struct GoldSpec {
 /// apart by `_change_type` (`insert`, `delete`). It returns the model's columns and a
 /// boolean `_deleted`: one row per `key` whose row may have changed, its new row, or
 /// `_deleted` true where the key has no row any more. A key it leaves out keeps its row.
+///
+/// `steps` are SQL files of steps (`CREATE TABLE … AS …;`) that the script runs first, in
+/// order: steps several models' scripts share are written once, and a step of the same
+/// statement over the same changed rows runs once a run (`session::StepReuse`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Incremental {
     /// The model's columns that name a row.
     pub key: Vec<String>,
+    #[serde(default)]
+    pub steps: Vec<String>,
     pub sql: String,
+}
+
+impl Incremental {
+    /// The SQL files of the script, in the order it runs them: `steps`, then `sql`.
+    pub fn sql_files(&self) -> impl Iterator<Item = &String> {
+        self.steps.iter().chain([&self.sql])
+    }
+}
+
+/// A script made of several SQL files, one after another: its text, and the line of the
+/// text each file starts on (1-based), so that a line of the script names its file's line.
+#[derive(Debug, Clone)]
+pub struct JoinedScript {
+    pub text: String,
+    starts: Vec<(String, usize)>,
+}
+
+impl JoinedScript {
+    /// The name of the last file, whose last statement is the script's query.
+    pub fn query_file(&self) -> &str {
+        self.starts.last().map_or("", |(name, _)| name.as_str())
+    }
+
+    /// The file (by name) and line of that file that `line` of the script is on.
+    pub fn file_line(&self, line: usize) -> Option<(&str, usize)> {
+        self.starts
+            .iter()
+            .rev()
+            .find(|(_, start)| *start <= line)
+            .map(|(name, start)| (name.as_str(), line - start + 1))
+    }
 }
 
 /// The schema an [`Incremental`] query reads the changed rows of each table from.
@@ -521,6 +562,21 @@ impl Pipeline {
             .ok_or_else(|| JobError::config(self.sql_label(name), None, "SQL file not found"))
     }
 
+    /// The script of `incremental`: its files' SQL, one after another (see [`JoinedScript`]).
+    pub fn incremental_script(&self, incremental: &Incremental) -> Result<JoinedScript, JobError> {
+        let mut text = String::new();
+        let mut starts = Vec::new();
+        for name in incremental.sql_files() {
+            starts.push((name.clone(), text.lines().count() + 1));
+            let sql = self.sql(name)?;
+            text.push_str(sql);
+            if !sql.ends_with('\n') {
+                text.push('\n');
+            }
+        }
+        Ok(JoinedScript { text, starts })
+    }
+
     /// How a SQL file is named in messages.
     pub fn sql_label(&self, name: &str) -> String {
         format!("{}/{}", self.dir_label, name)
@@ -591,7 +647,8 @@ impl PipelineSpec {
             .chain(
                 self.gold
                     .iter()
-                    .filter_map(|g| Some(g.incremental.as_ref()?.sql.clone())),
+                    .filter_map(|g| g.incremental.as_ref())
+                    .flat_map(|i| i.sql_files().cloned()),
             )
             .collect()
     }

@@ -15,8 +15,8 @@ use medallion_quality::{QualityError, RuleSet};
 
 use crate::error::{ConfigIssue, JobError};
 use crate::pipeline::{
-    CHANGED_ROWS, CHANGED_SCHEMA, DELETED, FormatSpec, GoldKind, GoldSpec, Incremental, Keep,
-    Pipeline, SourceSpec,
+    CHANGED_ROWS, CHANGED_SCHEMA, DELETED, FormatSpec, GoldKind, GoldSpec, Incremental,
+    JoinedScript, Keep, Pipeline, SourceSpec,
 };
 use crate::run::bronze::bronze_schema;
 use crate::run::silver::{INGEST_RUN_ID, INPUT_RELATION, tie_break, with_derived};
@@ -44,19 +44,42 @@ impl Checker<'_> {
 
     fn sql_issue(&mut self, sql_name: &str, error: &datafusion::error::DataFusionError) {
         let message = error.to_string();
-        // Planning errors carry a span; parser errors name the line in their text.
-        let line = error
-            .diagnostic()
-            .and_then(|d| d.span)
-            .and_then(|span| usize::try_from(span.start.line).ok())
-            .filter(|line| *line > 0)
-            .or_else(|| sql_error_line(&message));
         self.issues.push(ConfigIssue {
             file: self.pipeline.sql_label(sql_name),
-            line,
+            line: error_line(error, &message),
             message,
         });
     }
+
+    /// [`Self::sql_issue`] for a script of several files: the line names its file.
+    fn script_issue(&mut self, script: &JoinedScript, error: &datafusion::error::DataFusionError) {
+        let message = error.to_string();
+        let at = error_line(error, &message).and_then(|line| script.file_line(line));
+        match at {
+            Some((name, line)) => self.issues.push(ConfigIssue {
+                file: self.pipeline.sql_label(name),
+                line: Some(line),
+                message,
+            }),
+            // Without a line, the error is named by the file that states the script's query.
+            None => self.issues.push(ConfigIssue {
+                file: self.pipeline.sql_label(script.query_file()),
+                line: None,
+                message,
+            }),
+        }
+    }
+}
+
+/// The line of SQL an error points at: planning errors carry a span; parser errors name the
+/// line in their text.
+fn error_line(error: &datafusion::error::DataFusionError, message: &str) -> Option<usize> {
+    error
+        .diagnostic()
+        .and_then(|d| d.span)
+        .and_then(|span| usize::try_from(span.start.line).ok())
+        .filter(|line| *line > 0)
+        .or_else(|| sql_error_line(message))
 }
 
 /// Finds `Line: N` in a DataFusion/sqlparser message.
@@ -504,18 +527,24 @@ async fn check_incremental(
             )),
         }
     }
-    match pipeline.sql(&incremental.sql) {
-        Err(_) => problems.push(format!(
-            "names SQL file '{}', which is not found",
-            pipeline.sql_label(&incremental.sql)
-        )),
-        Ok(sql) => {
+    let missing: Vec<&String> = incremental
+        .sql_files()
+        .filter(|f| pipeline.sql(f).is_err())
+        .collect();
+    match pipeline.incremental_script(incremental) {
+        Err(_) => problems.extend(missing.into_iter().map(|f| {
+            format!(
+                "names SQL file '{}', which is not found",
+                pipeline.sql_label(f)
+            )
+        })),
+        Ok(script) => {
             let planned = session::with_tables(ctx, changed, async || {
-                Ok(session::sql_script(ctx, sql).await)
+                Ok(session::sql_script(ctx, &script.text).await)
             })
             .await?;
             match planned {
-                Err(e) => c.sql_issue(&incremental.sql, &e),
+                Err(e) => c.script_issue(&script, &e),
                 Ok(rows) => {
                     let returned = rows.schema();
                     let missing: Vec<&str> = schema

@@ -166,6 +166,25 @@ fn an_unknown_column_in_sql_is_reported_with_its_line() {
     );
 }
 
+/// An incremental script runs its `steps` files first, as one script: an unknown column in a
+/// steps file, or in the script after it, is reported with that file and its own line.
+#[test]
+fn an_unknown_column_in_an_incremental_scripts_steps_is_reported_with_its_file_and_line() {
+    for (file, column) in [
+        ("gold/events_of_changes.sql", "e.event_type"),
+        ("gold/customer_360_incremental.sql", "c.session_id"),
+    ] {
+        let s = broken_pipeline(|d| replace(&d.join(file), column, &format!("{column}x")));
+        let (code, stderr) = validate(s.dir.path());
+        assert_eq!(code, Some(2), "{stderr}");
+        let line = line_of(&s.dir.path().join(file), &format!("{column}x"));
+        assert!(
+            stderr.contains(&format!("{file}:{line}:")) && stderr.contains(&format!("{column}x")),
+            "{file}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn a_rebuild_by_that_cannot_scope_the_rebuild_is_reported() {
     let s = broken_pipeline(|d| {
@@ -238,8 +257,8 @@ fn an_incremental_query_that_cannot_update_its_table_is_reported() {
         let toml = d.join("pipeline.toml");
         replace(
             &toml,
-            "key = [\"event_date\", \"country\", \"segment\", \"event_type\"], sql = \"gold/daily_engagement_incremental.sql\"",
-            "key = [\"event_date\", \"nope\"], sql = \"gold/daily_engagement_incremental.sql\"",
+            "key = [\"event_date\", \"country\", \"segment\", \"event_type\"], steps",
+            "key = [\"event_date\", \"nope\"], steps",
         );
         replace(
             &toml,

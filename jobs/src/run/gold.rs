@@ -612,16 +612,18 @@ async fn changes_applied(
         };
         changed.push((TableReference::partial(CHANGED_SCHEMA, name), rows));
     }
-    let sql = run.pipeline.sql(&incremental.sql)?;
+    let script = run.pipeline.incremental_script(incremental)?;
     let reuse = session::StepReuse {
         kept,
         inputs: &identities,
     };
     let rows = session::with_tables(&run.ctx, changed, async || {
-        Ok(session::sql_script_reusing(&run.ctx, sql, Some(reuse))
-            .await?
-            .collect()
-            .await?)
+        Ok(
+            session::sql_script_reusing(&run.ctx, &script.text, Some(reuse))
+                .await?
+                .collect()
+                .await?,
+        )
     })
     .await?;
     Ok(Some(rows))
@@ -713,7 +715,7 @@ async fn run_model(
     // So does an incremental query: the rows it got wrong would stay wrong.
     if let Some(incremental) = &spec.incremental {
         other_sql.push(incremental.key.join("\0"));
-        other_sql.push(run.pipeline.sql(&incremental.sql)?.to_string());
+        other_sql.push(run.pipeline.incremental_script(incremental)?.text);
     }
     let definition = definition_of(sql, &other_sql, &spec.partition_by);
     // A table built by other SQL can be neither kept nor rebuilt in part.

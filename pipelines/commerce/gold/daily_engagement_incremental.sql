@@ -11,25 +11,8 @@
 -- wherever it is read. (`IS NOT DISTINCT FROM` is in parentheses: the parser reads
 -- `a IS NOT DISTINCT FROM b AND c` as `a IS NOT DISTINCT FROM (b AND c)`.)
 
--- Two steps shared with customer_360_incremental.sql, which holds the same statements:
--- the engine runs a step once a run and the other script reads its rows (the same statement
--- over the same changed rows). Each reads every silver event, by customer and by session.
--- Every current event of a customer whose silver row changed (new ones included).
-CREATE TABLE events_of_changed_customers AS
-SELECT e.event_date, e.event_type, e.customer_id, e.session_id
-FROM silver.events e
-WHERE e.customer_id IN (SELECT customer_id FROM changed.customers);
-
--- Every current event of a session that a changed event holds, or an event above: all the
--- events of each session whose distinct count the change may move.
-CREATE TABLE events_of_changed_sessions AS
-SELECT e.event_date, e.event_type, e.customer_id, e.session_id
-FROM silver.events e
-WHERE e.session_id IN (
-    SELECT session_id FROM changed.events
-    UNION
-    SELECT session_id FROM events_of_changed_customers
-);
+-- It runs after the steps of events_of_changes.sql (shared with customer_360's script):
+-- events_of_changed_customers and events_of_changed_sessions.
 
 -- Customers whose silver row changed.
 CREATE TABLE de_moved AS
