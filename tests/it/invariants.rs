@@ -251,7 +251,7 @@ async fn without_incremental_a_keyed_rebuild_takes_a_changed_rate_through_its_qu
     let pipeline = pipeline_dir.dir.path().join("pipeline.toml");
     replace_in_file(
         &pipeline,
-        "incremental = { key = [\"customer_id\"], sql = \"gold/customer_360_incremental.sql\" }",
+        "incremental = { key = [\"customer_id\"], steps = [\"gold/events_of_changes.sql\"], sql = \"gold/customer_360_incremental.sql\" }",
         "",
     );
     let lake = Scratch::new();
